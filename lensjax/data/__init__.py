@@ -1,0 +1,1 @@
+"""Embedded data (see NOTICE.md for source and licence)."""
