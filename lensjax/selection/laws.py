@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -203,7 +204,7 @@ def rectified_reference_form(params: dict) -> dict:
     """The reference code's (A, b, β, E) of ``L = (A−E)/(1 + e^b D^β) + E`` from (B, D_l, β, E)."""
     return {
         "A": params["B"] / params["D_l"] + params["E"],
-        "b": -jnp.log(params["D_l"]),
+        "b": -np.log(params["D_l"]),
         "beta": params["beta"],
         "E": params["E"],
     }

@@ -238,6 +238,7 @@ def select_many(
     n_starts: int = 8,
     seed: int = 0,
     solver: str = "lm",
+    max_steps: int = 400,
     mesh=None,
     tokens_per_sample: int = cost_mod.DEFAULT_TOKENS_PER_SAMPLE,
     epochs: float = 1.0,
@@ -274,7 +275,8 @@ def select_many(
         d = np.broadcast_to(sizes, big_mask.shape)
         loss = np.tile(curves.loss, (len(protocols), 1))
         extra = None if f_cols is None else np.tile(f_cols, (len(protocols), 1))
-        fit = fit_curves(law, d, loss, big_mask, extra, n_starts=n_starts, seed=seed, solver=solver, mesh=mesh)
+        fit = fit_curves(law, d, loss, big_mask, extra, n_starts=n_starts, seed=seed, solver=solver,
+                         max_steps=max_steps, mesh=mesh)
         extra_t = None if f_target is None else np.tile(f_target, len(protocols))[:, None]
         pred_all = fit.predict(np.full((fit.theta.shape[0], 1), target_size), extra_t)[:, 0]
         for i in range(len(protocols)):

@@ -1,0 +1,171 @@
+"""The ``lensjax`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lensjax.selection import selectors
+from lensjax.selection.curves import EMBEDDED, CurvesError, load_embedded, read_curves
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLM selection and adaptation in JAX.")
+console = Console()
+if not console.is_terminal:  # pipes and CI: do not squeeze tables into 80 columns
+    console = Console(width=140)
+
+DEFAULT_METHOD = "rectified"
+
+
+@app.callback()
+def _main() -> None:
+    """LLM selection and adaptation in JAX."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(x, nd=3):
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _ranking_table(sel: selectors.Selection) -> Table:
+    pr = sel.protocol
+    title = (f"{sel.method} · ratio 1/{pr.ratio_value:g} · budget {pr.budget_size:,.0f} · "
+             f"target {pr.target_size:,.0f}")
+    t = Table(title=title)
+    t.add_column("rank", justify="right")
+    t.add_column("model")
+    t.add_column("predicted" if sel.predicts_loss else "score (−log size)", justify="right")
+    if sel.true is not None:
+        t.add_column("true loss", justify="right")
+    if sel.fit is not None:
+        t.add_column("fit", justify="center")
+    order = np.argsort(sel.predicted, kind="stable")
+    for r, i in enumerate(order, start=1):
+        row = [str(r), sel.models[i], _fmt(float(sel.predicted[i]))]
+        if sel.true is not None:
+            row.append(_fmt(float(sel.true[i])))
+        if sel.fit is not None:
+            row.append("ok" if sel.converged[i] else "[red]not converged[/red]")
+        t.add_row(*row)
+    return t
+
+
+def _metrics_line(sel: selectors.Selection) -> str:
+    parts = []
+    if sel.metrics:
+        m = sel.metrics
+        parts.append(f"Pearson {100 * m['pearson']:.1f}  RelAcc {100 * m['relacc']:.1f}  "
+                     f"Spearman {100 * m['spearman']:.1f}  Kendall {100 * m['kendall']:.1f}  "
+                     f"top-1 {m['top1']:.0f} top-3 {m['top3']:.0f}")
+    if sel.rmse() is not None:
+        parts.append(f"RMSE at target {sel.rmse():.3f}")
+    parts.append(f"cost {100 * sel.cost['cost_fraction']:.2f}% of full fine-tuning "
+                 f"({sel.cost['flops']:.3g} FLOPs)")
+    nc = int((~sel.converged).sum())
+    if nc:
+        parts.append(f"[red]{nc} fit(s) not converged[/red]")
+    return " · ".join(parts)
+
+
+def _summary_table(sels: list[selectors.Selection]) -> Table:
+    t = Table(title=f"{sels[0].method}: all ratios")
+    for col in ("ratio", "budget", "selected", "Pearson", "RelAcc", "Spearman", "Kendall", "RMSE", "cost", "not conv."):
+        t.add_column(col, justify="left" if col == "selected" else "right")
+    for s in sels:
+        m = s.metrics or {}
+        pct = lambda k: _fmt(100 * m[k], 1) if k in m else "—"  # noqa: E731
+        t.add_row(f"1/{s.protocol.ratio_value:g}", f"{s.protocol.budget_size:,.0f}", s.ranking[0],
+                  pct("pearson"), pct("relacc"), pct("spearman"), pct("kendall"), _fmt(s.rmse()),
+                  f"{100 * s.cost['cost_fraction']:.2f}%", str(int((~s.converged).sum())))
+    return t
+
+
+def _load(curves: Optional[str]):
+    if curves is None:
+        return load_embedded("flan")
+    if curves in EMBEDDED and not Path(curves).exists():
+        return load_embedded(curves)
+    return read_curves(curves)
+
+
+@app.command("select")
+def select_cmd(
+    curves: Optional[str] = typer.Option(None, help="Curves CSV (default: the embedded FLAN curves; 'flan' or 'gigaword' name the embedded sets)."),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"One of: {', '.join(selectors.METHODS)}."),
+    ratio: Optional[List[float]] = typer.Option(None, help="Budget ratio target/budget (repeatable; default 8)."),
+    all_ratios: bool = typer.Option(False, "--all-ratios", help="Every ratio 8, 16, ..., 512."),
+    budget: Optional[List[float]] = typer.Option(None, help="Data budget in samples (repeatable; overrides --ratio)."),
+    target_size: float = typer.Option(selectors.TARGET_SIZE, help="Data size to predict the loss at."),
+    base: float = typer.Option(selectors.BASE_SIZE, help="Smallest ladder size used."),
+    ats_k: int = typer.Option(3, help="AtS: smallest window."),
+    ats_delta: float = typer.Option(5.0, help="AtS: standardised-residual threshold."),
+    ats_include_smallest: bool = typer.Option(False, help="AtS: allow the smallest ladder point (the published method never uses it)."),
+    starts: int = typer.Option(8, help="Multi-start count per fit."),
+    seed: int = typer.Option(0, help="Seed of the multi-start."),
+    solver: str = typer.Option("lm", help="Fitting solver: lm (Levenberg–Marquardt) or lbfgs (Optax L-BFGS)."),
+    max_steps: int = typer.Option(400, help="Iteration cap per fit; a fit that hits it is reported as not converged."),
+    tokens_per_sample: int = typer.Option(512, help="For FLOP accounting."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result(s) as JSON (atomically)."),
+    plot: Optional[Path] = typer.Option(None, help="Draw measured points and fitted curves (needs matplotlib)."),
+) -> None:
+    """Rank candidate models by their predicted fine-tuning loss at the target size."""
+    try:
+        data = _load(curves)
+        if all_ratios:
+            ratios = list(selectors.RATIOS)
+        else:
+            ratios = ratio or [8]
+        sels = selectors.select_many(
+            data, method, ratios, budgets=budget or None, target_size=target_size, base=base,
+            ats_k=ats_k, ats_delta=ats_delta, ats_include_smallest=ats_include_smallest,
+            n_starts=starts, seed=seed, solver=solver, max_steps=max_steps, tokens_per_sample=tokens_per_sample,
+        )
+    except (CurvesError, selectors.SelectionError, ValueError) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    for s in sels if len(sels) == 1 else []:
+        console.print(_ranking_table(s))
+        console.print(_metrics_line(s))
+    if len(sels) > 1:
+        console.print(_summary_table(sels))
+    if json_out is not None:
+        payload = sels[0].to_json() if len(sels) == 1 else [s.to_json() for s in sels]
+        atomic_write_text(json_out, json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if plot is not None:
+        try:
+            from lensjax.selection.plot import plot_selection
+        except ImportError as exc:  # matplotlib is an optional extra
+            console.print(f"[bold red]error:[/bold red] --plot needs matplotlib ({exc}); pip install 'lensjax[plot]'")
+            raise typer.Exit(2)
+        plot_selection(data, sels[0], plot)
+        console.print(f"wrote {plot}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

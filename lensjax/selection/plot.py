@@ -1,0 +1,60 @@
+"""Plot measured loss curves and the fitted laws (matplotlib is an optional extra)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lensjax.selection.curves import Curves  # noqa: E402
+from lensjax.selection.selectors import Selection  # noqa: E402
+
+
+def plot_selection(curves: Curves, sel: Selection, path: str | os.PathLike, cols: int = 5) -> None:
+    """One log–log panel per model: measured points (in budget filled, beyond hollow), the fitted
+    law (for law methods) out to the target, the prediction at the target, and the budget line."""
+    n = len(curves.models)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    pr = sel.protocol
+    pos = curves.sizes > 0
+    grid = np.geomspace(max(curves.sizes[pos].min(), 1.0) / 2, pr.target_size * 1.2, 200)
+    fitted = sel.fit.predict(grid) if sel.fit is not None and not sel.fit.law.uses_extra else None
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        y = curves.loss[i, pos]
+        x = curves.sizes[pos]
+        inb = x <= pr.budget_size
+        ax.loglog(x[inb], y[inb], "o", ms=3, color="C0")
+        ax.loglog(x[~inb], y[~inb], "o", ms=3, mfc="none", color="C0")
+        if fitted is not None:
+            ax.loglog(grid, fitted[i], "-", color="C1", lw=1)
+        if sel.predicts_loss:
+            ax.loglog([pr.target_size], [sel.predicted[i]], "x", color="C3")
+        ax.axvline(pr.budget_size, color="gray", ls="--", lw=0.8)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(curves.models[i], fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{sel.method}, budget {pr.budget_size:,.0f} (dashed), target {pr.target_size:,.0f} (x)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

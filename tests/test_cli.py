@@ -1,0 +1,121 @@
+"""The `lensjax select` command: default run, JSON, plots and clear errors on bad input."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lensjax.cli import app
+from lensjax.selection.curves import embedded_path, load_embedded
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, ["select", *args])
+
+
+def _write_copy(tmp_path, edit=None, name="c.csv"):
+    rows = list(csv.reader(open(embedded_path("flan"))))
+    if edit:
+        edit(rows)
+    path = tmp_path / name
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+def test_no_arguments_ranks_the_30_flan_models():
+    # Through the installed console script, as a user runs it.
+    exe = shutil.which("lensjax") or [sys.executable, "-m", "lensjax.cli"]
+    cmd = [exe, "select"] if isinstance(exe, str) else exe + ["select"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for model in load_embedded("flan").models:
+        assert model in out.stdout
+    assert "Pearson" in out.stdout and "RelAcc" in out.stdout
+
+
+def test_json_schema_single_and_all_ratios(tmp_path):
+    one = tmp_path / "one.json"
+    res = run("--method", "ats", "--ratio", "16", "--json", str(one))
+    assert res.exit_code == 0, res.output
+    data = json.loads(one.read_text())
+    for key in ("method", "ratio", "target_size", "ranking", "predicted", "metrics", "cost_fraction"):
+        assert key in data
+    assert data["ratio"] == 16 and data["method"] == "ats" and len(data["ranking"]) == 30
+    assert set(data["metrics"]) >= {"pearson", "relacc", "spearman", "kendall"}
+    assert round(100 * data["metrics"]["pearson"], 1) == 73.1  # Table 1, FLAN AtS 1/16
+    many = tmp_path / "many.json"
+    res = run("--curves", "gigaword", "--all-ratios", "--json", str(many))
+    assert res.exit_code == 0, res.output
+    data = json.loads(many.read_text())
+    assert [d["ratio"] for d in data] == [8, 16, 32, 64, 128, 256, 512]
+    assert all(d["method"] == "rectified" and len(d["predicted"]) == 30 for d in data)
+    assert 0 < data[0]["cost_fraction"] < 0.26
+
+
+def test_plot(tmp_path):
+    png = tmp_path / "fit.png"
+    res = run("--ratio", "64", "--plot", str(png))
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 10_000
+
+
+def test_not_converged_is_shown(tmp_path):
+    out = tmp_path / "nc.json"
+    res = run("--max-steps", "2", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "not converged" in res.output
+    assert not any(json.loads(out.read_text())["converged"].values())
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda r: r[3].__setitem__(4, "abc"), "row 4 (MBZUAI/LaMini-GPT-1.5B), column '800'"),
+        (lambda r: r[2].__setitem__(0, r[1][0]), "duplicate model id 'MBZUAI/LaMini-GPT-124M'"),
+        (lambda r: r[5].__setitem__(7, "nan"), "column '6400'"),
+        (lambda r: r[5].__setitem__(7, "inf"), "not finite"),
+        (lambda r: r[6].__setitem__(2, "-1"), "must be > 0"),
+        (lambda r: r[0].__setitem__(3, "foo"), "header 'foo'"),
+    ],
+)
+def test_bad_cells_name_row_and_column(tmp_path, edit, message):
+    res = run("--curves", str(_write_copy(tmp_path, edit)))
+    assert res.exit_code == 2
+    assert message in " ".join(res.output.split())
+
+
+def test_too_few_points_in_budget(tmp_path):
+    def blank(rows):
+        for c in range(2, 6):  # sizes 200..1600 missing for one model
+            rows[4][c] = ""
+    res = run("--curves", str(_write_copy(tmp_path, blank)), "--ratio", "512")
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "needs at least 4 measured points" in text and "cerebras/Cerebras-GPT-111M (2)" in text
+
+
+def test_unknown_method_and_missing_file(tmp_path):
+    res = run("--method", "magic")
+    assert res.exit_code == 2 and "unknown method 'magic'" in res.output
+    res = run("--curves", str(tmp_path / "nope.csv"))
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_lensllm_without_f_errors():
+    res = run("--method", "lensllm")
+    assert res.exit_code == 2 and "needs the NTK term F" in " ".join(res.output.split())
+
+
+def test_json_write_is_atomic(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    res = run("--method", "nope", "--json", str(out))
+    assert res.exit_code == 2 and out.read_text() == "old"  # a failed run loses nothing
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,41 @@
+"""The batched fit sharded over a `candidate` mesh axis of 8 fake CPU devices gives the same numbers."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from lensjax.parallel import make_mesh
+    from lensjax.selection.curves import load_embedded
+    from lensjax.selection.fit import fit_curves
+    from lensjax.selection.selectors import Protocol, RATIOS
+
+    assert jax.device_count() == 8, jax.devices()
+    d, y, m = [], [], []
+    for name in ("flan", "gigaword"):
+        c = load_embedded(name)
+        for r in RATIOS:
+            cols = np.isin(c.sizes, np.concatenate([[0.0], Protocol(ratio=r).ladder(c.sizes)]))
+            d.append(np.broadcast_to(c.sizes, c.loss.shape)); y.append(c.loss)
+            m.append(np.isfinite(c.loss) & cols[None, :])
+    d, y, m = np.concatenate(d), np.concatenate(y), np.concatenate(m)
+    n = 418  # not a multiple of 8: exercises the padding
+    single = fit_curves("rectified", d[:n], y[:n], m[:n])
+    mesh = make_mesh(candidate=8)
+    sharded = fit_curves("rectified", d[:n], y[:n], m[:n], mesh=mesh)
+    np.testing.assert_allclose(sharded.objective, single.objective, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(sharded.theta, single.theta, rtol=1e-10, atol=1e-12)
+    assert (sharded.converged == single.converged).all()
+    print("OK", n, float(np.max(np.abs(sharded.objective - single.objective))))
+    """
+)
+
+
+def test_fit_on_8_fake_devices_matches_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK 418")
