@@ -104,7 +104,7 @@ def test_matches_scipy_least_squares_at_optimum():
         ours = np.array([fit.params[k][i] for k in ("B", "D_l", "beta", "E")])
         # SciPy from our optimum and from a generic start, in the natural (bounded) parameters.
         starts = [ours, np.array([10.0 * l[0], 10.0, 0.5, 0.5 * l.min()])]
-        best = min((least_squares(resid, s, bounds=(1e-12, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15,
+        best = min((least_squares(resid, np.maximum(s, 1e-300), bounds=(0.0, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15,
                                   max_nfev=20000) for s in starts), key=lambda r: 2 * r.cost)
         scipy_obj = 2 * best.cost
         assert fit.objective[i] <= scipy_obj * (1 + 1e-6) + 1e-300

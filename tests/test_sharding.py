@@ -27,7 +27,10 @@ SCRIPT = textwrap.dedent(
     mesh = make_mesh(candidate=8)
     sharded = fit_curves("rectified", d[:n], y[:n], m[:n], mesh=mesh)
     np.testing.assert_allclose(sharded.objective, single.objective, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(sharded.theta, single.theta, rtol=1e-10, atol=1e-12)
+    # Parameters along flat directions (E -> 0) may differ by rounding (XLA vectorises a shard of
+    # 53 problems differently from 418); what the fit determines must agree.
+    np.testing.assert_allclose(sharded.predict(1_638_400), single.predict(1_638_400), rtol=1e-7)
+    np.testing.assert_allclose(sharded.predict(d[:n]), single.predict(d[:n]), rtol=1e-9)
     assert (sharded.converged == single.converged).all()
     print("OK", n, float(np.max(np.abs(sharded.objective - single.objective))))
     """

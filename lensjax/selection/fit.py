@@ -60,6 +60,7 @@ def fit_curves(
     seed: int = 0,
     solver: str = "lm",
     max_steps: int = 400,
+    screen_steps: int = 30,
     x64: bool = True,
     mesh: jax.sharding.Mesh | None = None,
 ) -> CurveFit:
@@ -71,6 +72,8 @@ def fit_curves(
       mask: [N, M] which points exist (default: finite losses).
       extra: [N, M] per-point side input (the LensLLM F term).
       n_starts: seeded multi-start count per curve; ``seed`` makes it reproducible.
+      screen_steps: steps every start runs before only each curve's best start goes on (0: all
+        starts run to convergence); see :func:`lensjax.kernels.lsq.fit_arrays`.
       x64: run in float64 (default; the curves need it to resolve optima to 1e-6 relative).
       mesh: shard the curve axis over ``mesh['candidate']``.
     """
@@ -107,7 +110,7 @@ def fit_curves(
         jmask, jextra = jnp.asarray(mask), jnp.asarray(extra, dtype)
         theta0 = _starts(law, jax.random.key(seed), args[0], args[1], jmask, jextra, n_starts)
         res = lsq.fit(law.log_predict, theta0, args[0], args[1], jmask, jextra, solver=solver,
-                      max_steps=max_steps, mesh=mesh)
+                      max_steps=max_steps, screen_steps=screen_steps, mesh=mesh)
         theta = np.asarray(res.params, np.float64)
         out = CurveFit(
             law=law,
