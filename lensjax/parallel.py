@@ -36,14 +36,31 @@ def make_mesh(**axes: int) -> Mesh:
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def spec_for(logical: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array whose axes have these logical names, under ``mesh``."""
-    out = []
-    for name in logical:
+def spec_for(logical: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose axes have these logical names, under ``mesh``.
+
+    With ``shape``, an axis whose length the mesh axis does not divide stays replicated.
+    """
+    out, taken = [], set()
+    for d, name in enumerate(logical):
         axis = RULES.get(name) if name is not None else None
-        out.append(axis if axis in mesh.shape and mesh.shape[axis] > 1 else None)
+        ok = axis in mesh.shape and mesh.shape[axis] > 1 and axis not in taken
+        if ok and shape is not None and shape[d] % mesh.shape[axis]:
+            ok = False
+        out.append(axis if ok else None)
+        if ok:
+            taken.add(axis)
     return PartitionSpec(*out)
 
 
-def sharding_for(logical: tuple[str | None, ...], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(logical, mesh))
+def sharding_for(logical: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical, mesh, shape))
+
+
+def shard_params(params: dict, config, mesh: Mesh) -> dict:
+    """Place an (unsharded) common tree on ``mesh`` by the logical-axis rules."""
+    from lensjax.models.tree import flatten, leaf_specs, nest
+
+    specs = leaf_specs(config)
+    flat = flatten(params)
+    return nest({k: jax.device_put(v, sharding_for(specs[k][1], mesh, v.shape)) for k, v in flat.items()})

@@ -1,0 +1,218 @@
+"""ModelConfig: one frozen dataclass that describes every supported decoder.
+
+Read from a Hugging Face ``config.json`` (``ModelConfig.from_hf``). The forward pass branches only
+on these static fields. Supported ``model_type``: gpt2, opt, llama, mistral, qwen2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not supported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int  # D
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # KVH (= H without grouped-query attention)
+    head_dim: int  # Dh
+    intermediate_size: int  # F
+    max_positions: int
+    norm: str  # "layernorm" | "rmsnorm"
+    norm_eps: float
+    pre_norm: bool = True  # False: OPT-350m's post-norm blocks
+    final_norm: bool = True
+    activation: str = "silu"  # "gelu_new" | "relu" | "silu" | "gelu"
+    gated_mlp: bool = True  # up * act(gate)
+    positions: str = "rope"  # "learned" | "rope"
+    position_offset: int = 0  # OPT's learned positions start at index 2
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False  # LayerNorm has a bias
+    tie_word_embeddings: bool = False
+    layer_windows: tuple[int, ...] = ()  # per-layer sliding window (0 = full attention)
+    word_embed_dim: int = 0  # OPT's word_embed_proj_dim when it differs from D (project in/out)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding (OPT-350m: word_embed_proj_dim, else D)."""
+        return self.word_embed_dim or self.hidden_size
+
+    @property
+    def has_projection(self) -> bool:
+        return self.embed_dim != self.hidden_size
+
+    @property
+    def sliding(self) -> bool:
+        return any(w > 0 for w in self.layer_windows)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (tuple(e) if isinstance(e, (tuple, list)) else (int(e),))
+
+    def __hash__(self):  # hf_config is excluded, so configs can be static jit arguments
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hf_config"))
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UnsupportedModelError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_hf(data, source=str(path))
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any], source: str = "config") -> "ModelConfig":
+        mt = c.get("model_type")
+        if mt not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}"
+            )
+        return _BUILDERS[mt](c, source)
+
+
+def _req(c, key, source):
+    if key not in c or c[key] is None:
+        raise UnsupportedModelError(f"{source}: config has no {key!r}")
+    return c[key]
+
+
+def _common_ids(c):
+    return dict(bos_token_id=c.get("bos_token_id"), eos_token_id=_tupleize(c.get("eos_token_id")),
+                pad_token_id=c.get("pad_token_id"))
+
+
+def _tupleize(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+def _gpt2(c, source):
+    if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn") or not c.get("scale_attn_weights", True):
+        raise UnsupportedModelError(f"{source}: GPT-2 attention-scaling variants are not supported")
+    if c.get("add_cross_attention"):
+        raise UnsupportedModelError(f"{source}: GPT-2 with cross-attention is not supported")
+    d, h = _req(c, "n_embd", source), _req(c, "n_head", source)
+    act = c.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(f"{source}: activation {act!r} is not supported")
+    return ModelConfig(
+        family="gpt2", vocab_size=_req(c, "vocab_size", source), hidden_size=d,
+        num_layers=_req(c, "n_layer", source), num_heads=h, num_kv_heads=h, head_dim=d // h,
+        intermediate_size=c.get("n_inner") or 4 * d, max_positions=_req(c, "n_positions", source),
+        norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), activation=act, gated_mlp=False,
+        positions="learned", qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True,
+        tie_word_embeddings=c.get("tie_word_embeddings", True), layer_windows=(0,) * c["n_layer"],
+        hf_config=dict(c), **_common_ids(c),
+    )
+
+
+def _opt(c, source):
+    if not c.get("layer_norm_elementwise_affine", True):
+        raise UnsupportedModelError(f"{source}: OPT without elementwise-affine LayerNorm is not supported")
+    act = c.get("activation_function", "relu")
+    if act not in ("relu", "gelu", "gelu_new"):
+        raise UnsupportedModelError(f"{source}: activation {act!r} is not supported")
+    d, h = _req(c, "hidden_size", source), _req(c, "num_attention_heads", source)
+    pre = c.get("do_layer_norm_before", True)
+    bias = c.get("enable_bias", True)
+    wdim = c.get("word_embed_proj_dim") or d
+    return ModelConfig(
+        family="opt", vocab_size=_req(c, "vocab_size", source), hidden_size=d,
+        num_layers=_req(c, "num_hidden_layers", source), num_heads=h, num_kv_heads=h, head_dim=d // h,
+        intermediate_size=_req(c, "ffn_dim", source), max_positions=_req(c, "max_position_embeddings", source),
+        norm="layernorm", norm_eps=1e-5, pre_norm=pre, final_norm=pre and not c.get("_remove_final_layer_norm", False),
+        activation=act, gated_mlp=False, positions="learned", position_offset=2,
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias, norm_bias=True,
+        tie_word_embeddings=c.get("tie_word_embeddings", True), layer_windows=(0,) * c["num_hidden_layers"],
+        word_embed_dim=wdim if wdim != d else 0, hf_config=dict(c), **_common_ids(c),
+    )
+
+
+def _rope(c, source):
+    params = c.get("rope_parameters") or {}
+    legacy = c.get("rope_scaling") or {}
+    merged = {**legacy, **params}
+    theta = merged.get("rope_theta", c.get("rope_theta", 10000.0))
+    rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rtype not in ROPE_TYPES:
+        raise UnsupportedModelError(f"{source}: rope type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(f"{source}: partial rotary embeddings are not supported")
+    out = dict(rope_theta=float(theta), rope_type=rtype, rope_factor=float(merged.get("factor", 1.0)))
+    if rtype == "llama3":
+        out.update(rope_low_freq_factor=float(merged["low_freq_factor"]),
+                   rope_high_freq_factor=float(merged["high_freq_factor"]),
+                   rope_original_max_positions=int(merged["original_max_position_embeddings"]))
+    return out
+
+
+def _llama_like(c, source, family):
+    d, h = _req(c, "hidden_size", source), _req(c, "num_attention_heads", source)
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "gelu", "gelu_new", "relu", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(f"{source}: activation {act!r} is not supported")
+    n_layers = _req(c, "num_hidden_layers", source)
+    windows = (0,) * n_layers
+    if family == "mistral" and c.get("sliding_window"):
+        windows = (int(c["sliding_window"]),) * n_layers
+    if family == "qwen2" and c.get("use_sliding_window") and c.get("sliding_window"):
+        types = c.get("layer_types") or [
+            "sliding_attention" if i >= c.get("max_window_layers", n_layers) else "full_attention" for i in range(n_layers)
+        ]
+        windows = tuple(int(c["sliding_window"]) if t == "sliding_attention" else 0 for t in types)
+    qkv_bias = c.get("attention_bias", False) if family != "qwen2" else True
+    return ModelConfig(
+        family=family, vocab_size=_req(c, "vocab_size", source), hidden_size=d, num_layers=n_layers,
+        num_heads=h, num_kv_heads=c.get("num_key_value_heads") or h, head_dim=c.get("head_dim") or d // h,
+        intermediate_size=_req(c, "intermediate_size", source),
+        max_positions=_req(c, "max_position_embeddings", source), norm="rmsnorm",
+        norm_eps=c.get("rms_norm_eps", 1e-6), activation=act, gated_mlp=True, positions="rope",
+        qkv_bias=qkv_bias, o_bias=c.get("attention_bias", False) if family != "qwen2" else False,
+        mlp_bias=c.get("mlp_bias", False), tie_word_embeddings=c.get("tie_word_embeddings", False),
+        layer_windows=windows, hf_config=dict(c), **_rope(c, source), **_common_ids(c),
+    )
+
+
+_BUILDERS = {
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "llama": lambda c, s: _llama_like(c, s, "llama"),
+    "mistral": lambda c, s: _llama_like(c, s, "mistral"),
+    "qwen2": lambda c, s: _llama_like(c, s, "qwen2"),
+}

@@ -1,0 +1,114 @@
+"""Jitted KV-cache sampler: greedy, or temperature with nucleus (top-p) filtering.
+
+The prompt is left-padded to a length bucket (multiples of ``PROMPT_BUCKET``) so that prompts of
+different lengths share one compiled function; the cache is preallocated for bucket +
+``max_new_tokens`` slots; the decode loop is a ``lax.while_loop`` that stops as soon as every row
+has emitted an EOS token (rows that finished get the pad id after their EOS).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensjax.config import ModelConfig
+from lensjax.models.transformer import _forward, init_cache
+
+PROMPT_BUCKET = 32
+
+
+def bucket_length(t: int, multiple: int = PROMPT_BUCKET) -> int:
+    return max(multiple, -(-t // multiple) * multiple)
+
+
+def _filter_top_p(logits_BV, top_p):
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (at least one)."""
+    order = jnp.argsort(-logits_BV, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits_BV, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep_sorted = before < top_p
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_BV.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits_BV, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype"))
+def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p, pad_id, *,
+              max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype):
+    B, T = ids_BT.shape
+    cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
+    logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None)
+    last = logits[:, -1]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+
+    def pick(last, key):
+        if greedy:
+            return jnp.argmax(last, axis=-1).astype(jnp.int32)
+        scaled = _filter_top_p(last / temperature, top_p)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def cond(state):
+        i, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, last, cache, done, out, key = state
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, pick(last, sub))
+        out = out.at[:, i].set(tok)
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        logits, cache = _forward(cfg, params, tok[:, None], jnp.ones((B, 1), bool), cache, None)
+        return i + 1, logits[:, -1], cache, done, out, key
+
+    state = (jnp.int32(0), last, cache, jnp.zeros((B,), bool), out, key)
+    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, key=None, eos_token_id=None, pad_token_id=None,
+             bucket: int = PROMPT_BUCKET):
+    """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens.
+
+    ``temperature`` 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+    restricted to the top-``top_p`` nucleus, with ``key`` (a ``jax.random`` key). Rows that emit an
+    EOS id (``eos_token_id``, default the config's) are padded with ``pad_token_id`` (default the
+    config's pad id, else the first EOS id, else 0) afterwards; generation stops early when every
+    row has finished. Prompts are left-padded with a mask, e.g. from a tokenizer with
+    ``padding_side="left"``.
+    """
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T]; got shape {ids.shape}")
+    B, T = ids.shape
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids {ids.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError("every row needs at least one real (unmasked) token")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a jax.random key")
+    eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])))
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if bucket and T > 0:
+        tb = bucket_length(T, bucket)
+        if tb > T:  # left-pad to the bucket: the mask hides the extra slots
+            ids = np.concatenate([np.full((B, tb - T), pad_token_id, np.int32), ids], axis=1)
+            mask = np.concatenate([np.zeros((B, tb - T), bool), mask], axis=1)
+    dtype = params["embed"]["tokens"].dtype
+    new = _generate(config, params, jnp.asarray(ids), jnp.asarray(mask),
+                    key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+                    jnp.float32(top_p), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
+                    greedy=temperature == 0, eos_ids=eos_ids, cache_dtype=dtype)
+    return jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)

@@ -1,0 +1,70 @@
+"""Tiny random Hugging Face PyTorch models, saved as safetensors, for parity tests (offline)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+
+def config_for(family: str, *, gqa: bool = True, tied: bool | None = None, rope: str | None = None,
+               sliding: int | None = None, max_pos: int = 64):
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        c = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=max_pos, **common)
+    elif family in ("opt", "opt350m"):
+        c = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=max_pos, word_embed_proj_dim=16 if family == "opt350m" else 32,
+                         do_layer_norm_before=family != "opt350m", **common)
+    else:
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2 if gqa else 4, max_position_embeddings=max_pos, head_dim=8, **common)
+        if family == "mistral":
+            kw["sliding_window"] = sliding
+        if family == "qwen2" and sliding:
+            kw.update(use_sliding_window=True, sliding_window=sliding, max_window_layers=1)
+        if rope == "linear":
+            kw["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+        elif rope == "dynamic":
+            kw["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+        elif rope == "llama3":
+            kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        c = cls(**kw)
+    if tied is not None:
+        c.tie_word_embeddings = tied
+    return c
+
+
+def make(family: str, directory, seed: int = 0, **kw):
+    """Build, perturb (so biases and norms are not trivially 0/1) and save a tiny model."""
+    torch.manual_seed(seed)
+    cfg = config_for(family, **kw)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
+
+
+def left_padded_batch(rng, batch=3, length=12, pad_id=0):
+    """Random ids [B, T] with rows of different lengths, left padded, and the mask."""
+    import numpy as np
+
+    ids = rng.integers(3, VOCAB, size=(batch, length))
+    mask = np.ones((batch, length), bool)
+    for b in range(1, batch):
+        mask[b, : 2 * b + 1] = False
+    ids[~mask] = pad_id
+    return ids, mask
+
+
+def hf_positions(mask):
+    """Positions as HF generate computes them: cumsum(mask) - 1, padding set to 1."""
+    import numpy as np
+
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask, pos, 1)
