@@ -41,7 +41,7 @@ def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p
               max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype):
     B, T = ids_BT.shape
     cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
-    logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None)
+    logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None, cache_empty=True, last_only=True)
     last = logits[:, -1]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)

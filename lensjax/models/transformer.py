@@ -9,7 +9,8 @@ Padding: ``attention_mask`` [B, T] marks real tokens. Without explicit ``positio
 count only real tokens (``cumsum(mask) - 1``), as Hugging Face ``generate`` does, so left padding
 gives the same logits for the real tokens as the unpadded sequence.
 
-KV cache (:func:`init_cache`): ``k``/``v`` [L, B, S, K, H], ``mask`` [B, S] (slot holds a real
+KV cache (:func:`init_cache`): ``k``/``v`` [L, B, K, S, H] (slots next to head dim, so the
+attention dots read the cache without transposing it), ``mask`` [B, S] (slot holds a real
 token), ``index`` (next slot to write), ``next_pos`` [B] (position of the next real token). A call
 with a cache writes its T tokens at slots ``index .. index+T-1`` and attends over all slots.
 """
@@ -28,7 +29,7 @@ NEG_INF = -1e30  # finite, so that fully masked (padding) rows stay finite
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -101,20 +102,31 @@ def _rope(x_BTNH, cos_BTH, sin_BTH):
     return x_BTNH * cos_BTH[:, :, None, :] + rot * sin_BTH[:, :, None, :]
 
 
-def _attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+def _attention(cfg: ModelConfig, q_BTNH, blocks):
+    """Softmax attention of q over the concatenation of key/value ``blocks``:
+    ``[(k_BKSH, v_BKSH, allowed_BTS), ...]``; grouped-query heads without repeating k/v."""
     B, T, _, H = q_BTNH.shape
     K = cfg.num_kv_heads
     G = cfg.num_heads // K
     q = q_BTNH.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32) / math.sqrt(H)
-    s = jnp.where(allowed_BTS[:, None, None], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(v_BSKH.dtype)
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v_BSKH)
-    return o.reshape(B, T, K * G * H)
+    scores = []
+    for k, _, allowed in blocks:
+        s = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(H)
+        scores.append(jnp.where(allowed[:, None, None], s, NEG_INF))
+    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for k, v, _ in blocks:
+        n = k.shape[2]
+        out = out + jnp.einsum("bkgts,bksh->btkgh", p[..., start:start + n].astype(v.dtype), v)
+        start += n
+    return out.reshape(B, T, K * G * H)
 
 
 # ----------------------------------------------------------------------------------- forward
-def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, positions):
+def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, positions, cache_empty=False,
+             last_only=False):
+    """``cache_empty``: static promise that the cache holds nothing yet (prefill), so its slots are
+    not attended over; ``last_only``: logits of the last position only ([B, 1, V])."""
     B, T = input_ids.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
     dtype = params["embed"]["tokens"].dtype
@@ -135,44 +147,36 @@ def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, p
         ang = jnp.concatenate([ang, ang], axis=-1)
         cos, sin = jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 
-    # Which keys each query may see. Slots are time order (left padding keeps it).
-    if cache is None:
-        q_slot = jnp.arange(T)
-        k_slot = jnp.arange(T)
-        key_ok_BS = mask_BT
-        index = jnp.int32(0)
-    else:
-        index = cache["index"]
+    # Which keys each query may see: the T new tokens (causal, padding-masked) and, with a cache,
+    # its filled slots (all earlier in time). Slots are time order (left padding keeps it).
+    index = cache["index"] if cache is not None else jnp.int32(0)
+    q_slot = index + jnp.arange(T)
+    new_ok_BTT = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT[:, None, :]
+    new_dist_TT = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    if cache is not None:
         S = cache["mask"].shape[1]
-        q_slot = index + jnp.arange(T)
-        k_slot = jnp.arange(S)
-        key_ok_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
-    causal_TS = k_slot[None, :] <= q_slot[:, None]
-    allowed_BTS = causal_TS[None] & key_ok_BS[:, None, :]
+        old_ok_BTS = jnp.broadcast_to(cache["mask"][:, None, :], (B, T, S))
+        old_dist_TS = q_slot[:, None] - jnp.arange(S)[None, :]
     windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
-    dist_TS = q_slot[:, None] - k_slot[None, :]
 
-    def layer(carry, xs):
-        x, kc, vc = carry
-        p, li, window = xs
-        allowed = allowed_BTS & ((window == 0) | (dist_TS < window))[None]
+    def layer(x, xs):
+        p, window, kc, vc = xs
         h = _norm(cfg, p["attn_norm"], x) if cfg.pre_norm else x
         q = _dense(p["attn"]["q"], h).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = _dense(p["attn"]["k"], h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = _dense(p["attn"]["v"], h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cos is not None:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if kc is None:
-            k_all, v_all = k, v
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+        in_window = lambda d: (window == 0) | (d < window)  # noqa: E731
+        if kc is None or cache_empty:
+            att = _attention(cfg, q, [(k, v, new_ok_BTT & in_window(new_dist_TT)[None])])
         else:
-            k_all = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(kc, li, keepdims=False),
-                                                 k.astype(kc.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(jax.lax.dynamic_index_in_dim(vc, li, keepdims=False),
-                                                 v.astype(vc.dtype), (0, index, 0, 0))
-            kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (li, 0, index, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (li, 0, index, 0, 0))
-        a = _dense(p["attn"]["o"], _attention(cfg, q, k_all.astype(dtype), v_all.astype(dtype), allowed))
-        x = x + a
+            # The cache is read in place (no copy of the updated layer): scores over the old slots
+            # and over the new tokens share one softmax.
+            att = _attention(cfg, q, [(kc.astype(dtype), vc.astype(dtype), old_ok_BTS & in_window(old_dist_TS)[None]),
+                                      (k, v, new_ok_BTT & in_window(new_dist_TT)[None])])
+        x = x + _dense(p["attn"]["o"], att)
         if not cfg.pre_norm:
             x = _norm(cfg, p["attn_norm"], x)
         h = _norm(cfg, p["mlp_norm"], x) if cfg.pre_norm else x
@@ -183,12 +187,14 @@ def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, p
         x = x + _dense(p["mlp"]["down"], m)
         if not cfg.pre_norm:
             x = _norm(cfg, p["mlp_norm"], x)
-        return (x, kc, vc), None
+        return x, (k, v)
 
     kc = vc = None
     if cache is not None:
         kc, vc = cache["k"], cache["v"]
-    (x, kc, vc), _ = jax.lax.scan(layer, (x, kc, vc), (params["layers"], jnp.arange(cfg.num_layers), windows))
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], windows, kc, vc))
+    if last_only:
+        x = x[:, -1:]
     if cfg.final_norm:
         x = _norm(cfg, params["final_norm"], x)
     if cfg.has_projection:
@@ -197,10 +203,10 @@ def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, p
     logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
     if cache is None:
         return logits, None
-    new_cache = {
-        "k": kc,
-        "v": vc,
-        "mask": key_ok_BS,
+    new_cache = {  # one in-place write of the new tokens' keys and values for all layers
+        "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), (0, 0, 0, index, 0)),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), (0, 0, 0, index, 0)),
+        "mask": jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index)),
         "index": index + T,
         "next_pos": cache["next_pos"] + jnp.sum(mask_BT, axis=1, dtype=jnp.int32),
     }
