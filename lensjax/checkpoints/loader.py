@@ -10,6 +10,7 @@ of the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -106,8 +107,14 @@ class _SafetensorsSource:
     def read(self, name, index):
         try:
             return np.asarray(self._handle(self.files[name]).get_slice(name)[index])
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
+        finally:
+            # Unmap after every read: touched pages of the mapping would otherwise count in RSS
+            # until the whole leaf is done.
+            self.close()
 
     def close(self):
         self._open.clear()  # safe_open handles unmap when released
@@ -250,12 +257,15 @@ def _leaf_reader(src, shape, srcs, op, layered, dtype) -> Callable[[tuple], np.n
         if layered:
             lsl, rest = index[0], index[1:]
             layers = range(*lsl.indices(shape[0]))
-            blocks = []
-            for i in layers:
-                sidx, tr = source_index(op, rest, shape[1:])
+            sidx, tr = source_index(op, rest, shape[1:])
+            out = None
+            for j, i in enumerate(layers):  # one layer's tensor at a time, straight into the block
                 b = src.read(srcs[i], sidx)
-                blocks.append(b.T if tr else b)
-            out = np.stack(blocks) if blocks else np.zeros((0,) + shape[1:])
+                b = b.T if tr else b
+                if out is None:
+                    out = np.empty((len(layers),) + b.shape, dtype)
+                out[j] = b
+            return out
         else:
             sidx, tr = source_index(op, index, shape)
             out = src.read(srcs[0], sidx)
@@ -263,6 +273,48 @@ def _leaf_reader(src, shape, srcs, op, layered, dtype) -> Callable[[tuple], np.n
         return np.ascontiguousarray(out.astype(dtype, copy=False))
 
     return read
+
+
+CHUNK_BYTES = 32 << 20
+
+
+def _release_host_memory():
+    """Return freed heap to the OS (glibc keeps freed blocks of up to 32 MB in the heap, which
+    would count as resident on top of the loaded parameters). A no-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(buf, block, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, block, start, axis=0)
+
+
+def _put_chunked(read, shape, dtype) -> jax.Array:
+    """Build a device array from host blocks of at most CHUNK_BYTES rows, written in place
+    (donated buffer), so the host never holds more than one block of a large leaf."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    rows = max(1, int(shape[0] * CHUNK_BYTES // max(nbytes, 1)))
+    if rows >= shape[0]:
+        return jax.device_put(read(()))
+    buf = jnp.zeros(shape, dtype)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        buf = _write_rows(buf, jax.device_put(read((slice(start, stop),))), start)
+        buf.block_until_ready()
+        _release_host_memory()
+    return buf
 
 
 def load_params(cfg: ModelConfig, root: Path, dtype="float32", mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -277,10 +329,11 @@ def load_params(cfg: ModelConfig, root: Path, dtype="float32", mesh: jax.shardin
         for path, (shape, axes, srcs, op, layered) in plan.items():
             read = _leaf_reader(src, shape, srcs, op, layered, np_dtype)
             if mesh is None:
-                flat[path] = jax.device_put(read(()))
+                flat[path] = _put_chunked(read, shape, dtype)
             else:
                 flat[path] = jax.make_array_from_callback(shape, sharding_for(axes, mesh, shape), read)
             src.close()  # release the mapping before the next leaf
+            _release_host_memory()
     finally:
         src.close()
     return nest(flat)
