@@ -1,0 +1,54 @@
+"""Language-model objectives on the common tree: per-sample target log-likelihoods.
+
+A batch is a dict of int/bool arrays [B, T]: ``ids`` (prompt then target tokens, right padded),
+``attn`` (real tokens) and ``target`` (tokens whose log-probability counts: the target part).
+Token t is scored by the logits at position t − 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lensjax.config import ModelConfig
+from lensjax.models.transformer import _forward
+
+
+def token_logprobs(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(log p(ids[t] | ids[<t]) [B, T−1], weight [B, T−1]) for the target tokens."""
+    logits, _ = _forward(cfg, params, batch["ids"], batch["attn"], None, None)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nxt = batch["ids"][:, 1:]
+    lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    w = (batch["target"][:, 1:] & batch["attn"][:, 1:]).astype(jnp.float32)
+    return lp, w
+
+
+def sample_loglik(cfg: ModelConfig, params, batch, reduce: str = "mean") -> jax.Array:
+    """Per-sample mean (or sum) log-likelihood of the target tokens, [B]."""
+    lp, w = token_logprobs(cfg, params, batch)
+    total = jnp.sum(lp * w, axis=-1)
+    return total / jnp.maximum(jnp.sum(w, axis=-1), 1.0) if reduce == "mean" else total
+
+
+def mean_target_loss(cfg: ModelConfig, params, batch) -> jax.Array:
+    """Mean negative log-likelihood over all target tokens of the batch (the training loss)."""
+    lp, w = token_logprobs(cfg, params, batch)
+    return -jnp.sum(lp * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def scalar_fn(cfg: ModelConfig, reduce: str = "mean"):
+    """``f(params, example) -> scalar``: the per-sample output whose NTK LensLLM uses (one
+    example: arrays [T]). Cached per (config, reduce) so jit caches keyed on it are reused."""
+    return _scalar_fn(cfg, reduce)
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_fn(cfg, reduce):
+    def f(params, example):
+        one = jax.tree.map(lambda a: a[None], example)
+        return sample_loglik(cfg, params, one, reduce)[0]
+
+    return f

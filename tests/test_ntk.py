@@ -1,0 +1,92 @@
+"""kernels/ntk.py against jax.jacrev, scipy.linalg.expm and the sketch's 1/sqrt(k) error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from scipy.linalg import expm
+
+import lensjax
+from lensjax.kernels import ntk
+from lensjax.selection.lm import scalar_fn
+from tiny_hf import make
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    make("llama", d, gqa=True)
+    model = lensjax.load(d)
+    rng = np.random.default_rng(0)
+    n, T = 8, 10
+    ids = rng.integers(3, 128, size=(n, T)).astype(np.int32)
+    attn = np.ones((n, T), bool)
+    attn[1, 8:] = False
+    target = np.zeros((n, T), bool)
+    target[:, 5:] = True
+    batch = {"ids": jnp.asarray(ids), "attn": jnp.asarray(attn), "target": jnp.asarray(target)}
+    return model, batch
+
+
+def test_exact_ntk_equals_jacrev(tiny):
+    model, batch = tiny
+    f = scalar_fn(model.config)
+    flat, unravel = ravel_pytree(model.params)
+    outs = lambda v: jax.vmap(lambda ex: f(unravel(v), ex))(batch)  # noqa: E731
+    J = jax.jacrev(outs)(flat)
+    ref = np.asarray(J @ J.T, np.float64)
+    for store in (True, False):
+        K = np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4, store_jacobian=store))
+        assert np.abs(K - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_masked_ntk_and_candidates_vmapped(tiny):
+    model, batch = tiny
+    f = scalar_fn(model.config)
+    mask = jax.tree_util.tree_map_with_path(lambda p, _: "['mlp']" in jax.tree_util.keystr(p), model.params)
+    K = np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4, mask=mask))
+    sub = model.params["layers"]["mlp"]
+    full = lambda s: {**model.params, "layers": {**model.params["layers"], "mlp": s}}  # noqa: E731
+    flat, unravel = ravel_pytree(sub)
+    J = jax.jacrev(lambda v: jax.vmap(lambda ex: f(full(unravel(v)), ex))(batch))(flat)
+    np.testing.assert_allclose(K, np.asarray(J @ J.T), rtol=1e-4, atol=1e-5 * np.abs(K).max())
+    # two candidates of one shape in one vmapped call
+    two = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a]), model.params)
+    Ks = jax.vmap(lambda p: ntk.ntk_exact(f, p, batch, chunk_size=4))(two)
+    np.testing.assert_allclose(np.asarray(Ks[0]), np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4)), rtol=1e-5, atol=1e-6)
+
+
+def test_f_term_equals_expm():
+    rng = np.random.default_rng(0)
+    for n in (4, 16):
+        a = rng.normal(size=(n, n))
+        K = a @ a.T / n
+        r0 = rng.normal(size=n)
+        w, u = ntk.spectrum(jnp.asarray(K, jnp.float32))
+        for eta, t in ((1e-2, 5.0), (3e-3, 200.0)):
+            ref = r0 @ expm(-2 * eta * t * K) @ r0
+            got = float(ntk.f_term(w, u, jnp.asarray(r0, jnp.float32), eta, t))
+            assert got == pytest.approx(ref, rel=1e-4)
+        ts = np.array([0.0, 10.0, 100.0])
+        many = np.asarray(ntk.f_term(w, u, jnp.asarray(r0, jnp.float32), 1e-2, ts))
+        assert many[0] == pytest.approx(r0 @ r0, rel=1e-5) and np.all(np.diff(many) < 0)
+    st = ntk.ntk_stats(jnp.asarray(K, jnp.float32))
+    ev = np.linalg.eigvalsh(K)[::-1]
+    np.testing.assert_allclose(np.asarray(st["top_eigenvalues"])[:4], ev[:4], rtol=1e-4)
+    assert float(st["effective_rank"]) == pytest.approx(ev.sum() ** 2 / (ev**2).sum(), rel=1e-4)
+
+
+def test_sketch_error_falls_as_inverse_sqrt_k(tiny):
+    model, batch = tiny
+    f = scalar_fn(model.config)
+    K = np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4), np.float64)
+    errs = {}
+    for k in (16, 256):
+        e = []
+        for seed in range(6):
+            S = np.asarray(ntk.ntk_sketch(f, model.params, batch, jax.random.key(seed), k=k, chunk_size=16 if k >= 16 else k))
+            e.append(np.linalg.norm(S - K) / np.linalg.norm(K))
+        errs[k] = float(np.mean(e))
+    ratio = errs[16] / errs[256]  # 1/sqrt(k) predicts 4
+    assert 2.5 <= ratio <= 6.5, errs
