@@ -112,7 +112,7 @@ def _load(curves: Optional[str]):
 @app.command("select")
 def select_cmd(
     curves: Optional[str] = typer.Option(None, help="Curves CSV (default: the embedded FLAN curves; 'flan' or 'gigaword' name the embedded sets)."),
-    method: str = typer.Option(DEFAULT_METHOD, help=f"One of: {', '.join(selectors.METHODS)}."),
+    method: Optional[str] = typer.Option(None, help=f"One of: {', '.join(selectors.METHODS)} (default {DEFAULT_METHOD}; lensllm with --models)."),
     ratio: Optional[List[float]] = typer.Option(None, help="Budget ratio target/budget (repeatable; default 8)."),
     all_ratios: bool = typer.Option(False, "--all-ratios", help="Every ratio 8, 16, ..., 512."),
     budget: Optional[List[float]] = typer.Option(None, help="Data budget in samples (repeatable; overrides --ratio)."),
@@ -128,8 +128,26 @@ def select_cmd(
     tokens_per_sample: int = typer.Option(512, help="For FLOP accounting."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result(s) as JSON (atomically)."),
     plot: Optional[Path] = typer.Option(None, help="Draw measured points and fitted curves (needs matplotlib)."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated model folders or hub ids: measure their curves by fine-tuning (needs --dataset and --budget)."),
+    dataset: Optional[str] = typer.Option(None, help="Hub dataset name or local json/jsonl/csv/parquet file (with --models)."),
+    prompt_column: str = typer.Option("input", help="Dataset column with the prompt."),
+    target_column: str = typer.Option("target", help="Dataset column with the target."),
+    curves_out: Path = typer.Option(Path("lensjax-curves.csv"), help="Measured curves CSV (resumable; with --models)."),
+    ntk_out: Optional[Path] = typer.Option(None, help="NTK eigenpairs and stats (.safetensors or .json; with --models)."),
+    lr: float = typer.Option(1e-4, help="Fine-tuning learning rate η (AdamW)."),
+    batch_size: int = typer.Option(8, help="Fine-tuning batch size."),
+    epochs: float = typer.Option(1.0, help="Passes over each subset: t(D) = max(min_steps, ceil(epochs·D/batch))."),
+    min_steps: int = typer.Option(10, help="Minimum optimiser steps per subset."),
+    max_len: int = typer.Option(128, help="Truncate prompt+target to this many tokens."),
+    n_probe: int = typer.Option(32, help="NTK probe samples per candidate."),
+    ntk_mode: str = typer.Option("exact", help="exact (vmap-grad) or sketch (random-tangent JVPs)."),
 ) -> None:
     """Rank candidate models by their predicted fine-tuning loss at the target size."""
+    if models is not None:
+        _pipeline_cmd(models, dataset, budget, target_size, method or "lensllm", base, prompt_column, target_column,
+                      curves_out, ntk_out, lr, batch_size, epochs, min_steps, max_len, n_probe, ntk_mode, json_out)
+        return
+    method = method or DEFAULT_METHOD
     try:
         data = _load(curves)
         if all_ratios:
@@ -161,6 +179,52 @@ def select_cmd(
             raise typer.Exit(2)
         plot_selection(data, sels[0], plot)
         console.print(f"wrote {plot}")
+
+
+def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_column, target_column, curves_out,
+                  ntk_out, lr, batch_size, epochs, min_steps, max_len, n_probe, ntk_mode, json_out):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lensjax.selection import pipeline
+    from lensjax.selection.data import DataError
+    from lensjax.selection.finetune import FinetuneConfig
+
+    if dataset is None or not budget:
+        console.print("[bold red]error:[/bold red] --models needs --dataset and --budget")
+        raise typer.Exit(2)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    ft = FinetuneConfig(lr=lr, batch_size=batch_size, epochs=epochs, min_steps=min_steps, max_len=max_len)
+    ntk_cfg = pipeline.NTKConfig(n_probe=n_probe, mode=ntk_mode)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    try:
+        res = pipeline.run(names, dataset, budget=int(budget[0]), target_size=int(target_size), method=method,
+                           base=int(base), ft=ft, ntk_cfg=ntk_cfg, prompt_column=prompt_column,
+                           target_column=target_column, curves_out=curves_out, ntk_out=ntk_out, progress=progress)
+    except (DataError, selectors.SelectionError, CurvesError, ValueError) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        if Path(curves_out).exists():
+            console.print(f"measurements made so far are in {curves_out}")
+        raise typer.Exit(2)
+    t = Table(title=f"{method} · budget {budget[0]:,.0f} · target {target_size:,.0f}")
+    for col in ("rank", "model", "predicted loss", "fit"):
+        t.add_column(col)
+    for r, m in enumerate(res["ranking"], start=1):
+        t.add_row(str(r), m, f"{res['predicted'][m]:.4f}", "ok" if res["converged"][m] else "[red]not converged[/red]")
+    console.print(t)
+    if "ntk" in res:
+        nt = Table(title="NTK statistics")
+        for col in ("model", "trace", "top eigenvalue", "effective rank", "condition", "|r0|²"):
+            nt.add_column(col)
+        for m, st in res["ntk"].items():
+            nt.add_row(m, f"{st['trace']:.3g}", f"{st['top_eigenvalues'][0]:.3g}", f"{st['effective_rank']:.2f}",
+                       f"{st['condition_number']:.3g}", f"{st['r0_norm2']:.3g}")
+        console.print(nt)
+    console.print(f"curves: {res['curves_csv']} · cost {100 * res['cost_fraction']:.2f}% of full fine-tuning "
+                  f"({res['flops']:.3g} of {res['full_flops']:.3g} FLOPs)")
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(res, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
 
 
 def main() -> None:

@@ -1,0 +1,418 @@
+"""Benchmark: the exact empirical NTK and one fine-tuning step, lensjax vs PyTorch, on CPU.
+
+    python benchmarks/bench_ntk.py [--out benchmarks/results/bench_ntk.json] [--quick]
+
+One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hidden 256, MLP
+1024, 6 layers, 8 heads / 4 kv heads, untied head; built with ``transformers``, saved once with
+``save_pretrained`` under ``--models`` and loaded from there by both sides). Float32 throughout,
+``torch.set_num_threads(2)``; JAX uses its CPU default (all cores).
+
+1. Exact empirical NTK ``K = J Jᵀ`` [n, n] over n = 64 probe sequences of T = 64 tokens, where
+   ``J[i] = ∂f(θ, x_i)/∂θ`` over all P parameters and ``f`` is the mean log-likelihood of sample
+   i's target tokens (the last half of the sequence; token t scored by the logits at t − 1).
+
+   * lensjax: ``ntk.ntk_exact(scalar_fn(cfg), params, batch, chunk_size=8)`` (jitted; compile
+     time = first call minus a warm call, reported separately; timed warm with
+     ``block_until_ready``);
+   * PyTorch loop: for each sample, forward the HF model on that one sequence,
+     ``torch.autograd.grad`` of f w.r.t. all parameters, flatten into row i of J; then J @ J.T
+     (SDPA attention, the HF default);
+   * ``torch.func``: ``functional_call`` + ``vmap(grad(f))`` in chunks of 8 samples, rows written
+     into J, then J @ J.T (eager attention: SDPA has no vmap batching rule on CPU and falls back
+     to a per-sample loop, which is slower).
+
+   Agreement: max |K − K_loop| / max |K_loop| for lensjax and torch.func against the loop.
+   FLOP estimate: n · 3 · (2 · P · T) for the per-sample gradients (backward ≈ 2× forward, 2·P
+   flops per token; P counts all parameters, embeddings included) + 2 · n² · P for J Jᵀ.
+
+2. One AdamW fine-tuning step on a batch of 8 × 128 tokens, loss = mean NLL of the target tokens
+   (last half): ``lensjax.selection.finetune.make_train_step(cfg, optax.adamw(1e-4))`` (jitted)
+   vs a PyTorch eager step (``loss.backward(); opt.step(); opt.zero_grad()`` with
+   ``torch.optim.AdamW(lr=1e-4, weight_decay=1e-4)``, optax's defaults). Median of warm steps;
+   both start from the same weights on the same batch, so their loss trajectories are compared.
+
+Times are medians of ``--repeats`` (NTK) / ``--train-repeats`` (step) warm runs. Prints a table
+(baseline time, lensjax time, ratio = baseline / lensjax, goal, met?) and writes JSON atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+GOALS = {"ntk_vs_loop": 5.0, "ntk_vs_func": 1.5, "train_vs_eager": 1.5}
+
+
+def _median_time(fn, repeats, sync=lambda r: r):
+    ts, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = sync(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), [float(t) for t in ts], out
+
+
+# ------------------------------------------------------------------------------------ model
+def llama_config(args):
+    import transformers as tf
+
+    return tf.LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=args.layers,
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                          tie_word_embeddings=False)
+
+
+def make_model(root: Path, args) -> Path:
+    import torch
+    import transformers as tf
+
+    d = root / f"llama-h256-f1024-l{args.layers}-v8192"
+    if not (d / "model.safetensors").exists():
+        torch.manual_seed(0)
+        m = tf.AutoModelForCausalLM.from_config(llama_config(args))
+        d.mkdir(parents=True, exist_ok=True)
+        m.save_pretrained(str(d))
+        del m
+    return d
+
+
+def make_batch(rng, n, T, vocab):
+    ids = rng.integers(3, vocab, size=(n, T)).astype(np.int32)
+    attn = np.ones((n, T), bool)
+    target = np.zeros((n, T), bool)
+    target[:, T // 2:] = True
+    return {"ids": ids, "attn": attn, "target": target}
+
+
+def torch_target_loglik(logits, ids, target):
+    """Per-row mean log p(ids[t] | ids[<t]) over target tokens t ≥ 1, [B] (logits [B, T, V])."""
+    import torch
+
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    w = target[:, 1:].float()
+    return (lp * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def torch_mean_nll(logits, ids, target):
+    import torch
+
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    w = target[:, 1:].float()
+    return -(lp * w).sum() / w.sum().clamp_min(1.0)
+
+
+# -------------------------------------------------------------------------------------- NTK
+def ntk_lensjax(model, batch_np, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from lensjax.kernels import ntk
+    from lensjax.selection.lm import scalar_fn
+
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    f = scalar_fn(model.config)
+    run = lambda: ntk.ntk_exact(f, model.params, batch, chunk_size=args.chunk)  # noqa: E731
+    t0 = time.perf_counter()
+    K = run().block_until_ready()
+    first = time.perf_counter() - t0
+    med, ts, K = _median_time(run, args.repeats, lambda r: r.block_until_ready())
+    return {"K": np.asarray(K, np.float64), "time_s": med, "times_s": ts, "first_call_s": first,
+            "compile_s": max(first - med, 0.0)}
+
+
+def ntk_torch_loop(hf, batch_np, args) -> dict:
+    import torch
+
+    params = [p for p in hf.parameters()]
+    P = sum(p.numel() for p in params)
+    ids = torch.from_numpy(batch_np["ids"]).long()
+    tgt = torch.from_numpy(batch_np["target"])
+    n = ids.shape[0]
+
+    def row(i, out):
+        logits = hf(input_ids=ids[i:i + 1], use_cache=False).logits
+        s = torch_target_loglik(logits, ids[i:i + 1], tgt[i:i + 1])[0]
+        grads = torch.autograd.grad(s, params)
+        off = 0
+        for g in grads:
+            out[off:off + g.numel()] = g.reshape(-1)
+            off += g.numel()
+
+    def run():
+        J = torch.empty(n, P)
+        for i in range(n):
+            row(i, J[i])
+        return J @ J.T
+
+    row(0, torch.empty(P))  # warm-up: one sample
+    med, ts, K = _median_time(run, args.repeats)
+    return {"K": K.double().numpy(), "time_s": med, "times_s": ts}
+
+
+def ntk_torch_func(hf_eager, batch_np, args) -> dict:
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in hf_eager.named_parameters()}
+    sizes = {k: v.numel() for k, v in params.items()}
+    P = sum(sizes.values())
+    ids = torch.from_numpy(batch_np["ids"]).long()
+    tgt = torch.from_numpy(batch_np["target"])
+    n, c = ids.shape[0], args.chunk
+
+    def f(p, ids1, tgt1):
+        logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False}).logits
+        return torch_target_loglik(logits, ids1[None], tgt1[None])[0]
+
+    per_chunk = vmap(grad(f), in_dims=(None, 0, 0))
+
+    def fill(a, J):
+        g = per_chunk(params, ids[a:a + c], tgt[a:a + c])
+        off = 0
+        for k, m in sizes.items():
+            J[a:a + c, off:off + m] = g[k].reshape(c, m)
+            off += m
+
+    def run():
+        J = torch.empty(n, P)
+        for a in range(0, n, c):
+            fill(a, J)
+        return J @ J.T
+
+    fill(0, torch.empty(c, P))  # warm-up: one chunk
+    med, ts, K = _median_time(run, args.repeats)
+    return {"K": K.double().numpy(), "time_s": med, "times_s": ts}
+
+
+def rel_diff(K, ref):
+    return float(np.abs(K - ref).max() / np.abs(ref).max())
+
+
+# ------------------------------------------------------------------------------ train step
+def train_lensjax(model, batch_np, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    try:
+        from lensjax.selection.finetune import make_train_step
+    except ImportError as e:  # the module is being written; report instead of failing the run
+        return {"error": f"lensjax.selection.finetune.make_train_step unavailable: {e}"}
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    tx = optax.adamw(args.lr)
+    step = make_train_step(model.config, tx)
+    params = jax.tree.map(jnp.copy, model.params)  # the step may donate its inputs
+    opt_state = tx.init(params)
+    losses, ts = [], []
+    t0 = time.perf_counter()
+    params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch))
+    first = time.perf_counter() - t0
+    losses.append(float(loss))
+    for i in range(args.train_warmup + args.train_repeats):
+        t0 = time.perf_counter()
+        params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch))
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= args.train_warmup:
+            ts.append(dt)
+    med = float(np.median(ts))
+    return {"time_s": med, "times_s": ts, "first_call_s": first, "compile_s": max(first - med, 0.0), "losses": losses}
+
+
+def train_torch(path, batch_np, args) -> dict:
+    import torch
+    import transformers as tf
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(path)).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+    ids = torch.from_numpy(batch_np["ids"]).long()
+    tgt = torch.from_numpy(batch_np["target"])
+
+    def step():
+        loss = torch_mean_nll(hf(input_ids=ids, use_cache=False).logits, ids, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    losses, ts = [step()], []  # same step count as the lensjax side (its first call compiles)
+    for i in range(args.train_warmup + args.train_repeats):
+        t0 = time.perf_counter()
+        losses.append(step())
+        dt = time.perf_counter() - t0
+        if i >= args.train_warmup:
+            ts.append(dt)
+    return {"time_s": float(np.median(ts)), "times_s": ts, "losses": losses}
+
+
+# ------------------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/bench_ntk.json")
+    ap.add_argument("--models", default=os.environ.get("LENSJAX_BENCH_MODELS", str(Path(tempfile.gettempdir()) / "lensjax-bench-models")))
+    ap.add_argument("--layers", type=int, default=6, help="6 layers: 10,095,872 parameters")
+    ap.add_argument("--n", type=int, default=64, help="NTK probe samples")
+    ap.add_argument("--seq", type=int, default=64, help="NTK sequence length T")
+    ap.add_argument("--chunk", type=int, default=8, help="per-sample-gradient chunk (lensjax and torch.func)")
+    ap.add_argument("--repeats", type=int, default=3, help="warm NTK runs per method (median)")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=128)
+    ap.add_argument("--train-warmup", type=int, default=2)
+    ap.add_argument("--train-repeats", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.train_repeats, args.train_warmup = 1, 4, 1
+
+    import jax
+    import torch
+    import transformers as tf
+
+    import lensjax
+
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    path = make_model(Path(args.models), args)
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()
+    hf_eager = tf.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager").eval()
+    model = lensjax.load(path, tokenizer=False)
+    P = int(sum(p.numel() for p in hf.parameters()))
+    P_lj = int(sum(x.size for x in jax.tree.leaves(model.params)))
+    P_embed = int(hf.get_input_embeddings().weight.numel())
+    n, T = args.n, args.seq
+    print(f"model: Llama {P:,} parameters (lensjax tree: {P_lj:,}; input embedding {P_embed:,}), {path}")
+    print(f"NTK: n = {n} probe sequences × T = {T} tokens (targets: last {T - T // 2}), chunk {args.chunk}; "
+          f"train: {args.train_batch} × {args.train_seq} tokens; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+    rng = np.random.default_rng(0)
+    probe = make_batch(rng, n, T, 8192)
+    res_ntk = {}
+    for name, fn in (("lensjax", lambda: ntk_lensjax(model, probe, args)),
+                     ("torch_loop", lambda: ntk_torch_loop(hf, probe, args)),
+                     ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args))):
+        try:
+            res_ntk[name] = fn()
+            print(f"  NTK {name:<11} {res_ntk[name]['time_s']:8.3f} s  (runs {', '.join(f'{t:.2f}' for t in res_ntk[name]['times_s'])})")
+        except Exception as e:  # report and go on: one side failing should not lose the others
+            res_ntk[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  NTK {name:<11} FAILED: {res_ntk[name]['error']}")
+
+    ref = res_ntk.get("torch_loop", {}).get("K")
+    for name in ("lensjax", "torch_func"):
+        if ref is not None and "K" in res_ntk[name]:
+            res_ntk[name]["max_rel_diff_vs_loop"] = rel_diff(res_ntk[name]["K"], ref)
+    if "K" in res_ntk.get("lensjax", {}) and "K" in res_ntk.get("torch_func", {}):
+        res_ntk["lensjax"]["max_rel_diff_vs_func"] = rel_diff(res_ntk["lensjax"]["K"], res_ntk["torch_func"]["K"])
+    Kref = next((r["K"] for r in res_ntk.values() if "K" in r), None)
+    k_summary = None
+    if Kref is not None:
+        w = np.linalg.eigvalsh(0.5 * (Kref + Kref.T))[::-1]
+        k_summary = {"trace": float(np.trace(Kref)), "max_abs": float(np.abs(Kref).max()),
+                     "top_eigenvalues": [float(x) for x in w[:4]], "effective_rank": float(w.sum() ** 2 / (w ** 2).sum())}
+    for r in res_ntk.values():
+        r.pop("K", None)
+    grad_flops = n * 3 * 2 * P * T
+    jjt_flops = 2 * n * n * P
+    flops = grad_flops + jjt_flops
+
+    del hf_eager
+    train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
+    res_train = {}
+    for name, fn in (("lensjax", lambda: train_lensjax(model, train_batch, args)),
+                     ("torch_eager", lambda: train_torch(path, train_batch, args))):
+        try:
+            res_train[name] = fn()
+        except Exception as e:
+            res_train[name] = {"error": f"{type(e).__name__}: {e}"}
+        r = res_train[name]
+        print(f"  train {name:<11} " + (f"{r['time_s']:8.4f} s" if "time_s" in r else f"FAILED/SKIPPED: {r['error']}"))
+    if "losses" in res_train["lensjax"] and "losses" in res_train["torch_eager"]:
+        a, b = np.array(res_train["lensjax"]["losses"]), np.array(res_train["torch_eager"]["losses"])
+        res_train["max_abs_loss_diff"] = float(np.abs(a - b).max())
+    train_flops = 3 * 2 * P * args.train_batch * args.train_seq
+
+    # ------------------------------------------------------------------------------ table
+    def ratio(base, lj):
+        return base["time_s"] / lj["time_s"] if "time_s" in base and "time_s" in lj else None
+
+    rows = [
+        (f"exact NTK n={n} T={T}", "PyTorch loop", res_ntk["torch_loop"], res_ntk["lensjax"], "ntk_vs_loop"),
+        (f"exact NTK n={n} T={T}", "torch.func", res_ntk["torch_func"], res_ntk["lensjax"], "ntk_vs_func"),
+        (f"AdamW step {args.train_batch}x{args.train_seq}", "PyTorch eager", res_train["torch_eager"], res_train["lensjax"], "train_vs_eager"),
+    ]
+    table = []
+    fmt = lambda r: f"{r['time_s']:.4f}" if "time_s" in r else "n/a"  # noqa: E731
+    print(f"\n{'task':<24}{'baseline':<15}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
+    for task, base_name, base, lj, goal_key in rows:
+        rt, goal = ratio(base, lj), GOALS[goal_key]
+        met = None if rt is None else bool(rt >= goal)
+        rs = f"{rt:.2f}x" if rt is not None else "n/a"
+        print(f"{task:<24}{base_name:<15}{fmt(base):>10}{fmt(lj):>13}{rs:>8}{goal:>6.1f}x  "
+              + ("-" if met is None else ("yes" if met else "NO")))
+        table.append({"task": task, "baseline": base_name, "baseline_s": base.get("time_s"), "lensjax_s": lj.get("time_s"),
+                      "ratio": rt, "goal": goal, "met": met})
+
+    lj = res_ntk["lensjax"]
+    print(f"\nNTK FLOP estimate: {flops / 1e9:.1f} GFLOP = per-sample gradients n·3·2·P·T {grad_flops / 1e9:.1f} "
+          f"+ J Jᵀ 2·n²·P {jjt_flops / 1e9:.1f} (P = {P:,}, all parameters)")
+    if "time_s" in lj:
+        print(f"  lensjax NTK: {flops / lj['time_s'] / 1e9:.1f} GFLOP/s; compile {lj['compile_s']:.1f} s (first call {lj['first_call_s']:.1f} s)")
+        lj["gflops_per_s"] = flops / lj["time_s"] / 1e9
+    for name in ("lensjax", "torch_func"):
+        r = res_ntk[name]
+        if "max_rel_diff_vs_loop" in r:
+            print(f"  {name} vs PyTorch loop: max |ΔK| / max |K| = {r['max_rel_diff_vs_loop']:.2e}")
+    if "max_rel_diff_vs_func" in lj:
+        print(f"  lensjax vs torch.func:    max |ΔK| / max |K| = {lj['max_rel_diff_vs_func']:.2e}")
+    if k_summary:
+        print(f"  K: trace {k_summary['trace']:.4g}, top eigenvalues {', '.join(f'{x:.4g}' for x in k_summary['top_eigenvalues'])}, "
+              f"effective rank {k_summary['effective_rank']:.2f}")
+    tl = res_train["lensjax"]
+    print(f"train step FLOP estimate: {train_flops / 1e9:.1f} GFLOP (3·2·P·B·T)")
+    if "time_s" in tl:
+        tl["gflops_per_s"] = train_flops / tl["time_s"] / 1e9
+        print(f"  lensjax step: {tl['gflops_per_s']:.1f} GFLOP/s; compile {tl['compile_s']:.1f} s (first call {tl['first_call_s']:.1f} s)")
+    if "time_s" in res_train["torch_eager"]:
+        res_train["torch_eager"]["gflops_per_s"] = train_flops / res_train["torch_eager"]["time_s"] / 1e9
+    if "max_abs_loss_diff" in res_train:
+        print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
+
+    payload = {
+        "setup": {"params": P, "params_lensjax": P_lj, "input_embedding_params": P_embed, "layers": args.layers,
+                  "model_dir": str(path), "ntk_n": n, "ntk_T": T, "ntk_target_tokens": T - T // 2, "chunk": args.chunk,
+                  "repeats": args.repeats, "train_batch": args.train_batch, "train_seq": args.train_seq,
+                  "train_warmup": args.train_warmup, "train_repeats": args.train_repeats, "lr": args.lr,
+                  "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+                  "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                  "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"}},
+        "ntk": {**res_ntk, "flops": flops, "grad_flops": grad_flops, "jjt_flops": jjt_flops, "K_summary": k_summary},
+        "train_step": {**res_train, "flops": train_flops},
+        "table": table,
+        "goals": GOALS,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Progressive fine-tuning: measure each candidate's loss curve on nested subsets.
+
+For a candidate and a ladder size D, fine-tune from the pretrained weights on the first D examples
+of one fixed shuffled order (so subsets are nested), with Optax AdamW, then evaluate the mean
+target-token loss on the held-out split. Steps rule (documented, configurable):
+
+    t(D) = max(min_steps, ceil(epochs · D / batch_size))
+
+i.e. ``epochs`` passes over the D examples in batches of ``batch_size``. Batches are right padded
+to a length bucket (multiples of 16), so the jitted train step compiles once per bucket, not per
+size. Results go to a :class:`CurvesStore`, rewritten atomically after every (candidate, size), so a
+killed run resumes where it stopped and loses nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lensjax.config import ModelConfig
+from lensjax.selection.curves import Curves, read_curves
+from lensjax.selection.data import Tokenized, bucket, make_batch
+from lensjax.selection.lm import mean_target_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    lr: float = 1e-4  # η
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    epochs: float = 1.0
+    min_steps: int = 10
+    max_len: int = 128
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    def steps(self, d: int) -> int:
+        return max(self.min_steps, math.ceil(self.epochs * d / self.batch_size))
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation):
+    """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; params and optimiser
+    state are donated (updated in place)."""
+    return _train_step(config, optimizer)
+
+
+@functools.lru_cache(maxsize=32)
+def adamw(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """One optimiser object per setting, so the jitted step (keyed on it) compiles once."""
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def _train_step(config, optimizer):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+@functools.lru_cache(maxsize=32)
+def _eval_sums(config):
+    @jax.jit
+    def sums(params, batch):
+        from lensjax.selection.lm import token_logprobs
+
+        lp, w = token_logprobs(config, params, batch)
+        return -jnp.sum(lp * w), jnp.sum(w)
+
+    return sums
+
+
+def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32, pad_id: int = 0) -> float:
+    """Mean negative log-likelihood per target token over ``data`` (token-weighted)."""
+    if len(data) == 0:
+        raise ValueError("no held-out examples to evaluate on")
+    fn = _eval_sums(config)
+    tot, cnt = 0.0, 0.0
+    order = np.argsort([len(x) for x in data.ids], kind="stable")  # similar lengths share a bucket
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        b = make_batch(data, idx, pad_id)
+        if len(idx) < batch_size:  # keep one batch shape per bucket: pad with empty rows
+            extra = batch_size - len(idx)
+            b = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+        l, c = fn(params, b)
+        tot += float(l)
+        cnt += float(c)
+    return tot / max(cnt, 1.0)
+
+
+def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d: int, ft: FinetuneConfig,
+             pad_id: int = 0, on_step=None):
+    """Fine-tune a copy of ``params`` on examples ``order[:d]``; returns (params, steps)."""
+    if d > len(order):
+        raise ValueError(f"size {d} exceeds the {len(order)} training examples")
+    opt = adamw(ft.lr, ft.weight_decay)
+    step = make_train_step(config, opt)
+    p = jax.tree.map(jnp.copy, params)  # the pretrained weights stay untouched (donation)
+    state = opt.init(p)
+    t = ft.steps(d)
+    rng = np.random.default_rng(ft.seed + d)
+    pool = np.asarray(order[:d])
+    max_len = bucket(max(len(data.ids[i]) for i in pool))
+    perm, pos = rng.permutation(pool), 0
+    for i in range(t):
+        if pos + ft.batch_size > len(perm):
+            take = perm[pos:]
+            perm, pos = rng.permutation(pool), 0
+            need = ft.batch_size - len(take)
+            take = np.concatenate([take, perm[:need]])
+            pos = need
+        else:
+            take = perm[pos: pos + ft.batch_size]
+            pos += ft.batch_size
+        if len(take) < ft.batch_size:  # d < batch size: repeat examples
+            take = np.resize(take, ft.batch_size)
+        p, state, loss = step(p, state, make_batch(data, take, pad_id, length=max_len))
+        if on_step is not None:
+            on_step(i, loss)
+    return p, t
+
+
+class CurvesStore:
+    """Measured losses, written atomically as a curves CSV (the shipped format) plus a JSON
+    sidecar with the steps t and learning rate η of each measurement."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.loss: dict[str, dict[int, float]] = {}
+        self.meta: dict[str, dict] = {}
+        if self.path.exists():
+            c = read_curves(self.path)
+            for i, m in enumerate(c.models):
+                self.loss[m] = {int(s): float(v) for s, v in zip(c.sizes, c.loss[i]) if np.isfinite(v)}
+            if self.meta_path.exists():
+                self.meta = json.loads(self.meta_path.read_text())
+
+    def has(self, model: str, size: int) -> bool:
+        return size in self.loss.get(model, {})
+
+    def record(self, model: str, size: int, loss: float, *, steps: int, lr: float, params: int | None = None,
+               family: str | None = None, tokens_per_sample: float | None = None):
+        self.loss.setdefault(model, {})[int(size)] = float(loss)
+        m = self.meta.setdefault(model, {"sizes": {}})
+        m["sizes"][str(int(size))] = {"steps": int(steps), "lr": float(lr)}
+        if params is not None:
+            m["params"] = int(params)
+        if family is not None:
+            m["family"] = family
+        if tokens_per_sample is not None:
+            m["tokens_per_sample"] = float(tokens_per_sample)
+        self.write()
+
+    def write(self):
+        sizes = sorted({s for v in self.loss.values() for s in v})
+        rows = [["config name", *map(str, sizes), "size", "family"]]
+        for m, v in self.loss.items():
+            meta = self.meta.get(m, {})
+            rows.append([m, *[repr(v[s]) if s in v else "" for s in sizes], str(meta.get("params", "")),
+                         meta.get("family", "")])
+        _atomic(self.path, lambda fh: csv.writer(fh).writerows(rows), newline="")
+        _atomic(self.meta_path, lambda fh: json.dump(self.meta, fh, indent=1))
+
+    def curves(self) -> Curves:
+        return read_curves(self.path)
+
+    def steps(self, model: str, size: int) -> int:
+        return int(self.meta[model]["sizes"][str(int(size))]["steps"])
+
+
+def _atomic(path: Path, write, newline=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline=newline) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
