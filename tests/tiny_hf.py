@@ -68,3 +68,34 @@ def hf_positions(mask):
 
     pos = np.cumsum(mask, axis=1) - 1
     return np.where(mask, pos, 1)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built offline (ids 0-2: pad, bos, eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("0123456789+-*=abcdefghijklmnopqrstuvwxyz ?.,")
+    vocab = {c: i for i, c in enumerate(["<pad>", "<s>", "</s>"] + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_with_tokenizer(family, directory, **kw):
+    model = make(family, directory, **kw)
+    char_tokenizer().save_pretrained(str(directory))
+    return model
+
+
+def write_addition_jsonl(path, n=400, seed=0):
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            a, b = rng.integers(0, 50, 2)
+            fh.write(json.dumps({"input": f"{a}+{b}=", "target": str(a + b)}) + "\n")
+    return path

@@ -1,0 +1,112 @@
+"""Progressive fine-tuning, the resumable curves store, and `lensjax select --models` end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import lensjax
+from lensjax.cli import app
+from lensjax.selection import pipeline
+from lensjax.selection.data import DataError, load_pairs, tokenize
+from lensjax.selection.finetune import CurvesStore, FinetuneConfig, evaluate, finetune
+from lensjax.selection.selectors import SelectionError
+from tiny_hf import make_with_tokenizer, write_addition_jsonl
+
+FT = FinetuneConfig(lr=1e-3, batch_size=8, min_steps=5)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    dirs = []
+    for fam in ("gpt2", "llama", "opt"):
+        make_with_tokenizer(fam, root / fam)
+        dirs.append(str(root / fam))
+    data = write_addition_jsonl(root / "add.jsonl", n=300)
+    return dirs, str(data), root
+
+
+def test_finetuning_lowers_heldout_loss(zoo):
+    dirs, data, _ = zoo
+    m = lensjax.load(dirs[1])
+    train, held = load_pairs(data)
+    tr, he = tokenize(m.tokenizer, train), tokenize(m.tokenizer, held)
+    before = evaluate(m.config, m.params, he)
+    p, t = finetune(m.config, m.params, tr, np.arange(len(tr)), 200, FT)
+    after = evaluate(m.config, p, he)
+    assert t == 25 and after < before - 0.5, (before, after)
+    # the pretrained weights are untouched (the train step donates only its own copy)
+    assert evaluate(m.config, m.params, he) == pytest.approx(before, rel=1e-6)
+
+
+def test_killed_run_resumes_to_the_same_curves(zoo, tmp_path, monkeypatch):
+    dirs, data, _ = zoo
+    kw = dict(budget=100, target_size=800, method="rectified", base=25, ft=FT)
+    full = tmp_path / "full.csv"
+    pipeline.run(dirs[:2], data, curves_out=full, **kw)
+    part = tmp_path / "part.csv"
+    calls = {"n": 0}
+    orig = CurvesStore.record
+
+    def dying(self, *a, **k):
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(CurvesStore, "record", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(dirs[:2], data, curves_out=part, **kw)
+    monkeypatch.setattr(CurvesStore, "record", orig)
+    rows = list(csv.reader(open(part)))
+    assert sum(c != "" for r in rows[1:] for c in r[1:5]) == 6  # what was measured before the kill is kept
+    pipeline.run(dirs[:2], data, curves_out=part, **kw)
+    assert part.read_text() == full.read_text()
+
+
+def test_cli_end_to_end(zoo, tmp_path):
+    dirs, data, _ = zoo
+    out, curves, ntk = tmp_path / "res.json", tmp_path / "curves.csv", tmp_path / "ntk.safetensors"
+    res = CliRunner().invoke(app, ["select", "--models", ",".join(dirs), "--dataset", data, "--budget", "100",
+                                   "--base", "25", "--target-size", "1600", "--lr", "1e-3", "--json", str(out),
+                                   "--curves-out", str(curves), "--ntk-out", str(ntk), "--n-probe", "16"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["method"] == "lensllm" and sorted(payload["ranking"]) == sorted(dirs)
+    assert set(payload["ntk"]) == set(dirs) and payload["ladder"] == [25, 50, 100]
+    assert 0 < payload["cost_fraction"] < 1
+    rows = list(csv.reader(open(curves)))
+    assert rows[0][:5] == ["config name", "0", "25", "50", "100"] and len(rows) == 4
+    from safetensors import safe_open
+
+    with safe_open(str(ntk), "numpy") as f:
+        assert f.get_tensor("0.eigvecs").shape == (16, 16)
+        assert json.loads(f.metadata()["models"])["0"] == dirs[0]
+    for d in dirs:
+        assert d in res.output
+
+
+def test_bad_inputs_keep_partial_results(zoo, tmp_path):
+    dirs, data, root = zoo
+    kw = dict(budget=50, target_size=800, method="ats", base=25, ft=FT)
+    nocol = root / "nocol.jsonl"
+    nocol.write_text('{"question": "1+1=", "answer": "2"}\n' * 20)
+    with pytest.raises(DataError, match=r"no prompt column 'input'; its columns are \['question', 'answer'\]"):
+        pipeline.run(dirs[:1], str(nocol), curves_out=tmp_path / "a.csv", **kw)
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty|cannot load"):
+        pipeline.run(dirs[:1], str(empty), curves_out=tmp_path / "b.csv", **kw)
+    with pytest.raises(SelectionError, match=r"budget 10 is below the smallest ladder size 25"):
+        pipeline.run(dirs[:1], data, curves_out=tmp_path / "c.csv", **{**kw, "budget": 10})
+    out = tmp_path / "d.csv"
+    with pytest.raises(SelectionError, match=r"model '.*nope' cannot be loaded"):
+        pipeline.run([dirs[0], str(root / "nope")], data, curves_out=out, **kw)
+    rows = list(csv.reader(open(out)))
+    assert rows[1][0] == dirs[0] and all(c != "" for c in rows[1][1:4])  # the first model's curve is kept
+    res = CliRunner().invoke(app, ["select", "--models", f"{dirs[0]},{root / 'nope'}", "--dataset", data,
+                                   "--budget", "50", "--base", "25", "--curves-out", str(out), "--method", "ats"])
+    assert res.exit_code == 2 and "cannot be loaded" in res.output and "measurements made so far" in res.output
