@@ -72,13 +72,14 @@ def hf_positions(mask):
 
 def char_tokenizer():
     """A character-level fast tokenizer built offline (ids 0-2: pad, bos, eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list("0123456789+-*=abcdefghijklmnopqrstuvwxyz ?.,")
     vocab = {c: i for i, c in enumerate(["<pad>", "<s>", "</s>"] + chars)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()  # characters join without spaces when decoding
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 

@@ -68,6 +68,8 @@ def _act(name: str, x):
 
 def _dense(p: dict, x):
     y = x @ p["w"]
+    if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
+        y = y + (((x @ p["svf_u"].astype(x.dtype)) * p["svf_d"].astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
     return y + p["b"] if "b" in p else y
 
 

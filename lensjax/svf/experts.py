@@ -1,0 +1,74 @@
+"""SVF experts on disk: z vectors as safetensors with metadata; merged-weight export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensjax.svf import core
+
+
+def save_expert(path: str | os.PathLike, z: dict, model, cfg, task: str, metrics: dict) -> Path:
+    """Write z (one tensor per target leaf) and its metadata (base model, targets,
+    parameterisation, task, metrics) atomically."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "base_model": str(getattr(model, "path", None)),
+        "family": model.config.family,
+        "targets": cfg.targets,
+        "parameterisation": cfg.parameterisation,
+        "max_mult": str(cfg.max_mult),
+        "task": task,
+        "metrics": json.dumps(metrics),
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    data = save({k: np.asarray(jax.device_get(v), np.float32) for k, v in z.items()}, metadata=meta)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def load_expert(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(z, metadata) of an expert file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise core.SVFError(f"expert not found: {path}")
+    with safe_open(str(path), "numpy") as f:
+        meta = dict(f.metadata() or {})
+        z = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}
+    if "metrics" in meta:
+        meta["metrics"] = json.loads(meta["metrics"])
+    return z, meta
+
+
+def check_expert(z: dict, dec: core.Decomposition):
+    missing = set(dec.paths) ^ set(z)
+    if missing:
+        raise core.SVFError(f"expert and decomposition target different matrices: {sorted(missing)}")
+    for p in dec.paths:
+        if z[p].shape != dec.s[p].shape:
+            raise core.SVFError(f"expert {p} has shape {z[p].shape}, the model needs {dec.s[p].shape}")
+
+
+def export(model, dec: core.Decomposition, z: dict, meta: dict, out: str | os.PathLike) -> Path:
+    """Merged weights W′ written as an HF checkpoint (through :func:`lensjax.save`)."""
+    import lensjax
+
+    check_expert(z, dec)
+    params = core.merged_params(model.params, dec, z, meta.get("parameterisation", "paper"),
+                                float(meta.get("max_mult", 1.0)))
+    return lensjax.save(dataclasses.replace(model, params=params), out)
