@@ -227,6 +227,136 @@ def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_col
         console.print(f"wrote {json_out}")
 
 
+svf_app = typer.Typer(no_args_is_help=True, help="Transformer² singular-value fine-tuning (SVF).")
+app.add_typer(svf_app, name="svf")
+
+
+def _svf_load(model: str, targets: str, cache_dir: Optional[Path]):
+    import lensjax
+    from lensjax.svf import core
+
+    m = lensjax.load(model)
+    if m.tokenizer is None:
+        raise core.SVFError(f"{model}: SVF needs the model's tokenizer")
+    cache = cache_dir if cache_dir is not None else Path(m.path) / ".lensjax-svd"
+    return m, core.decompose_params(m.params, targets, cache_dir=cache)
+
+
+def _svf_errors():
+    from lensjax.checkpoints import CheckpointError
+    from lensjax.svf.core import SVFError
+    from lensjax.svf.tasks import TaskError
+
+    return (SVFError, TaskError, CheckpointError, ValueError)
+
+
+@svf_app.command("decompose")
+def svf_decompose(model: str = typer.Option(..., help="Model folder or hub id."),
+                  targets: str = typer.Option("mlp", help="mlp, attn (q, v) or all."),
+                  cache_dir: Optional[Path] = typer.Option(None, help="Where to cache U, σ, Vᵀ (default: <model>/.lensjax-svd).")):
+    """Decompose the target matrices once (cached, keyed by the weights' content hash)."""
+    try:
+        m, dec = _svf_load(model, targets, cache_dir)
+    except _svf_errors() as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    t = Table(title=f"SVD of {model} ({targets})")
+    for c in ("matrix", "layers × rank", "σ max", "σ min", "z parameters"):
+        t.add_column(c)
+    for p in dec.paths:
+        s = np.asarray(dec.s[p])
+        t.add_row(p, f"{s.shape[0]} × {s.shape[1]}", f"{s.max():.3g}", f"{s.min():.3g}", f"{s.size:,}")
+    console.print(t)
+
+
+@svf_app.command("train")
+def svf_train(model: str = typer.Option(..., help="Model folder or hub id."),
+              task: str = typer.Option("arithmetic", help="arithmetic, a GSM8K-/ARC-style hub dataset, or a local jsonl."),
+              steps: int = typer.Option(100), out: Path = typer.Option(..., help="Run folder (resumable)."),
+              targets: str = typer.Option("mlp"), parameterisation: str = typer.Option("paper"),
+              lr: float = typer.Option(2e-3), kl_coef: float = typer.Option(0.0, help="λ of the KL penalty."),
+              batch_prompts: int = typer.Option(8), samples: int = typer.Option(4, help="Samples per prompt."),
+              max_new_tokens: int = typer.Option(16), temperature: float = typer.Option(1.0),
+              normalise_rewards: bool = typer.Option(False), val_every: int = typer.Option(10),
+              n_val: int = typer.Option(100, help="Validation examples held out of the task."),
+              limit: Optional[int] = typer.Option(None, help="Use at most this many task examples."),
+              seed: int = typer.Option(0), cache_dir: Optional[Path] = typer.Option(None)):
+    """Train an SVF expert with REINFORCE (+ KL); writes out/best.safetensors and resumable state."""
+    from rich.progress import Progress
+
+    from lensjax.svf.tasks import load_task
+    from lensjax.svf.trainer import SVFConfig, train
+
+    try:
+        m, dec = _svf_load(model, targets, cache_dir)
+        data = load_task(task, limit=limit)
+        tr, val = data.split(n_val, seed)
+        cfg = SVFConfig(targets=targets, parameterisation=parameterisation, lr=lr, kl_coef=kl_coef, steps=steps,
+                        batch_prompts=batch_prompts, samples_per_prompt=samples, max_new_tokens=max_new_tokens,
+                        temperature=temperature, normalise_rewards=normalise_rewards, val_every=val_every, seed=seed)
+        with Progress(console=console) as prog:
+            bar = prog.add_task("SVF", total=steps)
+            info = train(m, dec, tr, val, cfg, out, on_step=lambda r: prog.update(bar, completed=r["step"],
+                         description=f"SVF reward {r['reward']:.2f}"))
+    except _svf_errors() as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    t = Table(title=f"SVF on {data.name}")
+    for c in ("step", "reward", "loss", "KL", "val accuracy"):
+        t.add_column(c)
+    for h in info["history"]:
+        if "val_accuracy" in h:
+            t.add_row(str(h["step"]), f"{h['reward']:.3f}", f"{h['loss']:.4f}", f"{h['kl']:.2e}", f"{h['val_accuracy']:.3f}")
+    console.print(t)
+    console.print(f"validation accuracy: base {info['base_acc']:.3f} → best {info['best_acc']:.3f} "
+                  f"(step {info['best_step']}); expert: {out / 'best.safetensors'}")
+
+
+@svf_app.command("eval")
+def svf_eval(model: str = typer.Option(...), expert: Optional[Path] = typer.Option(None, help="Expert file (none: the base model)."),
+             task: str = typer.Option("arithmetic"), limit: Optional[int] = typer.Option(None),
+             max_new_tokens: int = typer.Option(16), cache_dir: Optional[Path] = typer.Option(None)):
+    """Greedy accuracy of the base model and (with --expert) the adapted one."""
+    from lensjax.svf import core
+    from lensjax.svf.experts import check_expert, load_expert
+    from lensjax.svf.tasks import load_task
+    from lensjax.svf.trainer import accuracy
+
+    try:
+        z, meta = load_expert(expert) if expert is not None else (None, {"targets": "mlp"})
+        m, dec = _svf_load(model, meta["targets"], cache_dir)
+        data = load_task(task, limit=limit)
+        t = Table(title=f"{data.name}: {len(data)} examples")
+        t.add_column("model")
+        t.add_column("accuracy")
+        t.add_row("base", f"{accuracy(m, m.params, data, max_new_tokens=max_new_tokens):.4f}")
+        if z is not None:
+            check_expert(z, dec)
+            p = core.adapted_params(m.params, dec, z, meta.get("parameterisation", "paper"),
+                                    n_tokens=64, max_mult=float(meta.get("max_mult", 1.0)))
+            t.add_row(f"+ {expert}", f"{accuracy(m, p, data, max_new_tokens=max_new_tokens):.4f}")
+    except _svf_errors() as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    console.print(t)
+
+
+@svf_app.command("export")
+def svf_export(model: str = typer.Option(...), expert: Path = typer.Option(...), out: Path = typer.Option(...),
+               cache_dir: Optional[Path] = typer.Option(None)):
+    """Write the merged weights W′ as a Hugging Face checkpoint that transformers loads."""
+    from lensjax.svf.experts import export, load_expert
+
+    try:
+        z, meta = load_expert(expert)
+        m, dec = _svf_load(model, meta["targets"], cache_dir)
+        path = export(m, dec, z, meta, out)
+    except _svf_errors() as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    console.print(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

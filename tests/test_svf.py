@@ -212,3 +212,24 @@ def test_expert_roundtrip_and_export_loads_in_transformers(tiny, tmp_path):
         ref = hf(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(lensjax.forward(tiny.config, core.adapted_params(tiny.params, dec, z2), ids))
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_svf_cli(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from lensjax.cli import app
+
+    r = CliRunner()
+    m = tiny.path
+    res = r.invoke(app, ["svf", "decompose", "--model", m, "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0 and "layers/mlp/up/w" in res.output, res.output
+    res = r.invoke(app, ["svf", "train", "--model", m, "--steps", "2", "--out", str(tmp_path / "run"), "--limit", "200",
+                         "--max-new-tokens", "3", "--val-every", "1", "--n-val", "50", "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    expert = tmp_path / "run" / "best.safetensors"
+    res = r.invoke(app, ["svf", "eval", "--model", m, "--expert", str(expert), "--limit", "50", "--max-new-tokens", "3"])
+    assert res.exit_code == 0 and "base" in res.output, res.output
+    res = r.invoke(app, ["svf", "export", "--model", m, "--expert", str(expert), "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and (tmp_path / "merged" / "model.safetensors").exists(), res.output
+    res = r.invoke(app, ["svf", "train", "--model", m, "--task", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "cannot load task" in res.output
