@@ -331,7 +331,7 @@ def svf_eval(model: str = typer.Option(...), expert: Optional[Path] = typer.Opti
         t.add_column("accuracy")
         t.add_row("base", f"{accuracy(m, m.params, data, max_new_tokens=max_new_tokens):.4f}")
         if z is not None:
-            check_expert(z, dec)
+            check_expert(z, dec, meta, m.params)
             p = core.adapted_params(m.params, dec, z, meta.get("parameterisation", "paper"),
                                     n_tokens=64, max_mult=float(meta.get("max_mult", 1.0)))
             t.add_row(f"+ {expert}", f"{accuracy(m, p, data, max_new_tokens=max_new_tokens):.4f}")

@@ -229,7 +229,7 @@ def pretrain(family, arch, steps, directory: Path, spec: Spec, stream: np.ndarra
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     model.save_pretrained(str(directory))
     char_tokenizer().save_pretrained(str(directory))

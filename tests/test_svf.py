@@ -189,10 +189,13 @@ def test_training_resumes_after_a_kill(pretrained, tmp_path):
         train(model, dec, tr, val, cfg, tmp_path / "part", on_step=die)
     resumed = train(model, dec, tr, val, cfg, tmp_path / "part")
     assert [h["reward"] for h in resumed["history"]] == [h["reward"] for h in full["history"]]
-    za, _ = load_expert(tmp_path / "full" / "best.safetensors")
-    zb, _ = load_expert(tmp_path / "part" / "best.safetensors")
-    for p in za:
-        np.testing.assert_array_equal(np.asarray(za[p]), np.asarray(zb[p]))
+    for name in ("best.safetensors", "state.safetensors"):  # best z and final z (and optimiser state)
+        from safetensors.numpy import load_file
+
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_expert_roundtrip_and_export_loads_in_transformers(tiny, tmp_path):
@@ -233,3 +236,28 @@ def test_svf_cli(tiny, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "merged" / "model.safetensors").exists(), res.output
     res = r.invoke(app, ["svf", "train", "--model", m, "--task", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "cannot load task" in res.output
+
+
+def test_svf_bad_inputs(tiny, tmp_path):
+    dec = core.decompose_params(tiny.params, "mlp")
+    z = core.init_z(dec)
+    save_expert(tmp_path / "e.safetensors", z, tiny, SVFConfig(), "t", {})
+    _, meta = load_expert(tmp_path / "e.safetensors")
+    other = jax.tree.map(lambda a: a * 1.01, tiny.params)  # same shapes, other weights
+    with pytest.raises(core.SVFError, match="trained on another base model"):
+        export(dataclasses.replace(tiny, params=other), core.decompose_params(other, "mlp"), z, meta, tmp_path / "x")
+    bad = {p: v[:, :5] for p, v in z.items()}
+    with pytest.raises(core.SVFError, match=r"has shape \(2, 5\), the model needs \(2, 32\)"):
+        export(tiny, dec, bad, meta, tmp_path / "y")
+    with pytest.raises(core.SVFError, match="target different matrices"):
+        export(tiny, core.decompose_params(tiny.params, "attn"), z, meta, tmp_path / "z")
+    with pytest.raises(core.SVFError, match="unknown targets 'ffn'; choose one of mlp, attn, all"):
+        core.decompose_params(tiny.params, "ffn")
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "1+1", "label": "2"}\n')
+    with pytest.raises(tasks.TaskError, match=r"expected fields question\+answer .* found \['label', 'prompt'\]"):
+        tasks.load_task(str(f))
+    g = tmp_path / "gsm.jsonl"
+    g.write_text('{"question": "2+3?", "answer": "It is 5.\\n#### 5"}\n')
+    t = tasks.load_task(str(g))
+    assert t.answers == ("5",) and t.reward("The answer is 5", t.answers[0]) == 1.0

@@ -212,10 +212,12 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
                         max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch)
 
     val_tokens = cfg.eval_batch
+    whash = core.content_hash(params, dec.paths)
     if info["best_acc"] is None:
         info["best_acc"] = info["base_acc"] = validate(z)
         info["best_step"] = 0
-        save_expert(out / "best.safetensors", z, model, cfg, task.name, {"val_accuracy": info["best_acc"], "step": 0})
+        save_expert(out / "best.safetensors", z, model, cfg, task.name, {"val_accuracy": info["best_acc"], "step": 0},
+                    whash)
     n_roll = cfg.batch_prompts * cfg.samples_per_prompt
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
@@ -239,7 +241,8 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
             rec["val_accuracy"] = acc
             if acc > info["best_acc"]:
                 info["best_acc"], info["best_step"] = acc, step + 1
-                save_expert(out / "best.safetensors", z, model, cfg, task.name, {"val_accuracy": acc, "step": step + 1})
+                save_expert(out / "best.safetensors", z, model, cfg, task.name, {"val_accuracy": acc, "step": step + 1},
+                            whash)
         info["history"].append(rec)
         save_state(out, step + 1, z, opt_state, info)
         if on_step is not None:
