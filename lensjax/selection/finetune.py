@@ -17,10 +17,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from lensjax.config import ModelConfig
+from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
 from lensjax.selection.data import Tokenized, bucket, make_batch
 from lensjax.selection.lm import mean_target_loss
@@ -174,24 +175,13 @@ class CurvesStore:
             meta = self.meta.get(m, {})
             rows.append([m, *[repr(v[s]) if s in v else "" for s in sizes], str(meta.get("params", "")),
                          meta.get("family", "")])
-        _atomic(self.path, lambda fh: csv.writer(fh).writerows(rows), newline="")
-        _atomic(self.meta_path, lambda fh: json.dump(self.meta, fh, indent=1))
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        atomic_write(self.path, buf.getvalue(), newline="")
+        atomic_write(self.meta_path, json.dumps(self.meta, indent=1))
 
     def curves(self) -> Curves:
         return read_curves(self.path)
 
     def steps(self, model: str, size: int) -> int:
         return int(self.meta[model]["sizes"][str(int(size))]["steps"])
-
-
-def _atomic(path: Path, write, newline=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline=newline) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

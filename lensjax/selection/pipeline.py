@@ -18,13 +18,13 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensjax.io import atomic_write
 from lensjax.kernels import ntk as ntk_kernel
 from lensjax.selection import cost as cost_mod
 from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
@@ -166,26 +166,18 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
 def write_ntk(path: str | os.PathLike, ntks: dict[str, CandidateNTK]) -> None:
     """Eigenpairs and r₀ per candidate as safetensors (``.safetensors``) or JSON; written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save
 
-            tensors, meta = {}, {}
-            for i, (m, c) in enumerate(ntks.items()):
-                tensors[f"{i}.eigvals"] = np.ascontiguousarray(c.eigvals, np.float32)
-                tensors[f"{i}.eigvecs"] = np.ascontiguousarray(c.eigvecs, np.float32)
-                tensors[f"{i}.r0"] = np.ascontiguousarray(c.r0, np.float32)
-                meta[str(i)] = m
-            save_file(tensors, tmp, metadata={"models": json.dumps(meta),
-                                              "stats": json.dumps({m: c.stats for m, c in ntks.items()})})
-        else:
-            payload = {m: {"eigvals": c.eigvals.tolist(), "eigvecs": c.eigvecs.tolist(), "r0": c.r0.tolist(),
-                           "stats": c.stats, "lr": c.lr} for m, c in ntks.items()}
-            Path(tmp).write_text(json.dumps(payload))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tensors, names = {}, {}
+        for i, (m, c) in enumerate(ntks.items()):
+            tensors[f"{i}.eigvals"] = np.ascontiguousarray(c.eigvals, np.float32)
+            tensors[f"{i}.eigvecs"] = np.ascontiguousarray(c.eigvecs, np.float32)
+            tensors[f"{i}.r0"] = np.ascontiguousarray(c.r0, np.float32)
+            names[str(i)] = m
+        atomic_write(path, save(tensors, metadata={"models": json.dumps(names),
+                                                   "stats": json.dumps({m: c.stats for m, c in ntks.items()})}))
+    else:
+        atomic_write(path, json.dumps({m: {"eigvals": c.eigvals.tolist(), "eigvecs": c.eigvecs.tolist(),
+                                           "r0": c.r0.tolist(), "stats": c.stats, "lr": c.lr}
+                                       for m, c in ntks.items()}))

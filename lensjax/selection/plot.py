@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lensjax.io import atomic_write  # noqa: E402
 from lensjax.selection.curves import Curves  # noqa: E402
 from lensjax.selection.selectors import Selection  # noqa: E402
 
@@ -47,14 +48,9 @@ def plot_selection(curves: Curves, sel: Selection, path: str | os.PathLike, cols
         ax.tick_params(labelsize=6)
     fig.suptitle(f"{sel.method}, budget {pr.budget_size:,.0f} (dashed), target {pr.target_size:,.0f} (x)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, buf.getvalue())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensjax.io import atomic_write
 from lensjax.svf import core
 
 
@@ -35,11 +35,7 @@ def save_expert(path: str | os.PathLike, z: dict, model, cfg, task: str, metrics
         "weights_hash": weights_hash or core.content_hash(model.params, tuple(z)),
     }
     data = save({k: np.asarray(jax.device_get(v), np.float32) for k, v in z.items()}, metadata=meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, data)
 
 
 def load_expert(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensjax.io import atomic_write
 from lensjax.models.sampler import generate
 from lensjax.selection.lm import token_logprobs
 from lensjax.svf import core
@@ -158,21 +158,14 @@ def accuracy(model, params, task: Task, *, max_new_tokens: int = 8, batch: int =
 
 
 # ---------------------------------------------------------------------------------- state
-def _atomic_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def save_state(out: Path, step: int, z, opt_state, info: dict):
     from safetensors.numpy import save
 
     out.mkdir(parents=True, exist_ok=True)
     leaves = jax.tree.leaves((z, opt_state))
     tensors = {f"{i}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)}
-    _atomic_bytes(out / "state.safetensors", save(tensors, metadata={"step": str(step)}))
-    _atomic_bytes(out / "state.json", json.dumps(info | {"step": step}, indent=1).encode())
+    atomic_write(out / "state.safetensors", save(tensors, metadata={"step": str(step)}))
+    atomic_write(out / "state.json", json.dumps(info | {"step": step}, indent=1).encode())
 
 
 def load_state(out: Path, z_template, opt_template):
