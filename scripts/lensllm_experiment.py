@@ -2,26 +2,34 @@
 
 Run (from the repository root)::
 
-    python scripts/lensllm_experiment.py            # full run, ~10-25 min on 2 CPU cores
-    python scripts/lensllm_experiment.py --quick    # smoke run, ~2-4 min
-    python scripts/lensllm_experiment.py --fresh    # delete the zoo and curves first, redo all
+    python scripts/lensllm_experiment.py                  # full run, ~15 min on 2 busy CPU cores
+    python scripts/lensllm_experiment.py --quick          # smoke run, ~2-3 min
+    python scripts/lensllm_experiment.py --fresh          # delete the zoo and curves first, redo all
+    python scripts/lensllm_experiment.py --task reverse   # the string-reversal task instead of a*b
 
 What it does:
 
 1. **Zoo.** Builds 7 small causal LMs of 5 families (gpt2, llama, opt, qwen2, mistral; about
-   60k-800k parameters) with ``transformers`` configs and ``AutoModelForCausalLM.from_config``
-   (random init, seeded), plus one shared character-level tokenizer made offline with the
-   ``tokenizers`` library and saved as ``PreTrainedTokenizerFast`` into each model folder.
-   Nothing is downloaded; the Hugging Face hub is switched off (``HF_HUB_OFFLINE=1``).
-2. **Pretraining.** Each model is pretrained here with PyTorch (AdamW, warmup + cosine) on a
-   generated corpus of packed sequences (addition, subtraction and ``cp abc=abc`` copying),
-   for a different number of steps per model so the candidates differ in quality, and saved as
+   65k-820k parameters; ``--quick``: 5 models, 55k-110k) with ``transformers`` configs and
+   ``AutoModelForCausalLM.from_config`` (random init, seeded), plus one shared character-level
+   tokenizer made offline with the ``tokenizers`` library and saved as
+   ``PreTrainedTokenizerFast`` into each model folder (vocab 47 tokens; models have
+   ``vocab_size=48``, pad/bos/eos = 0/1/2). Nothing is downloaded; the Hugging Face hub is off
+   (``HF_HUB_OFFLINE=1``).
+2. **Pretraining.** Each model is pretrained here with PyTorch (1 thread, AdamW, warmup +
+   cosine, batch 32 x 64 tokens) on a generated corpus of packed sequences (``a+b=c``,
+   ``a-b=c``, ``cp abc=abc`` letter copying, ``rev 123=321`` digit reversal), for a different
+   number of steps per model (200-1000) so the candidates differ in quality, and saved as
    safetensors + tokenizer under ``/tmp/lensjax-zoo/<name>``. A parity check compares the
-   PyTorch target-token loss with ``lensjax.selection.finetune.evaluate`` on the loaded folder.
-3. **Downstream task.** A different task, string reversal (``input = "rev kqzma="``,
-   ``target = "amzqk"``), written to ``/tmp/lensjax-zoo/reverse.jsonl``. ``pipeline.run`` holds
-   out 10% (at most 500) of a local file, so the file has TARGET + 500 + spare examples: more
-   training examples than the target size and a 500-example held-out set.
+   PyTorch target-token loss of each saved folder with ``lensjax.selection.finetune.evaluate``
+   on ``lensjax.load`` of the same folder.
+3. **Downstream task.** Multiplication, not in the pretraining corpus: ``{"input": "417*6=",
+   "target": "2502"}`` (a in 0..999, b in 2..9, distinct pairs), written to
+   ``/tmp/lensjax-zoo/mul-7200.jsonl``. ``pipeline.run`` holds out 10% (at most 500) of a local
+   file, so the file has TARGET + 300 spare + 500 examples: 6700 training examples (more than
+   the target size 6400) and a 500-example held-out set. (``--task reverse``: string reversal
+   ``rev kqzma=`` -> ``amzqk``; there every model shows a sudden, grokking-like drop between
+   D=3200 and 6400, which no curve law can foresee, so it is not the default.)
 4. **Pipeline.** ``lensjax.selection.pipeline.run`` measures the loss curves by progressive
    fine-tuning (ladder ``base * 2^k``, base 50) into one resumable curves CSV. It is first called
    with ``budget = TARGET`` (method ``ats``, only to fill the CSV), so every model also has its
@@ -34,8 +42,12 @@ What it does:
    Kendall, top-k), computed here from the predictions and the measured target column and
    cross-checked against the numbers ``pipeline.run`` itself returns. Baselines from
    ``select_many`` on the same curves (subtuning, zeroshot, modelsize) are printed for context.
-   Prints a markdown table and writes ``benchmarks/results/lensllm_experiment.json``
-   (``lensllm_experiment_quick.json`` with ``--quick``).
+   Prints markdown tables and writes ``benchmarks/results/lensllm_experiment.json``
+   (``..._quick.json`` with ``--quick``, ``..._reverse.json`` with ``--task reverse``).
+
+Fine-tuning (lensjax, inside ``pipeline.run``): AdamW lr 1e-3, batch 16, 2 epochs, so
+t(D) = max(10, ceil(2 D / 16)) steps (800 at the target), from the pretrained weights at every
+ladder size; the loss is the mean NLL of the target tokens (+ EOS) on the held-out set.
 
 Everything is seeded (numpy, torch, the fine-tuning order), so a rerun gives the same numbers.
 The zoo is reused when its spec hash matches (``zoo.json``); the curves CSV is keyed by a hash of
@@ -69,6 +81,7 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 PAD, BOS, EOS = 0, 1, 2
 VOCAB_SIZE = 48  # >= 47 tokens of the tokenizer
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+CORPUS = "add,sub,cp-letters,rev-digits"  # part of the zoo hash: change it when pretrain_text changes
 
 # name, family, architecture kwargs, pretraining steps. Sizes and steps are chosen so that
 # neither "bigger" nor "longer pretrained" alone decides the downstream ranking.
@@ -107,13 +120,14 @@ class Spec:
     ft_epochs: float = 2.0
     ft_min_steps: int = 10
     ft_max_len: int = 32
+    task: str = "mul"
     seed: int = 0
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def zoo_key(self) -> str:
-        z = dict(zoo=self.zoo, pre_batch=self.pre_batch, pre_seq=self.pre_seq, pre_lr=self.pre_lr, seed=self.seed)
+        z = dict(corpus=CORPUS, zoo=self.zoo, pre_batch=self.pre_batch, pre_seq=self.pre_seq, pre_lr=self.pre_lr, seed=self.seed)
         return hashlib.sha256(json.dumps(z, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -191,17 +205,34 @@ def pretrain_stream(n_tokens: int, seed: int) -> np.ndarray:
     return np.asarray(out[:n_tokens], np.int64)
 
 
-def write_task(path: Path, n: int, seed: int) -> None:
-    """String reversal, distinct inputs: {"input": "rev kqzma=", "target": "amzqk"}."""
+def write_task(path: Path, n: int, seed: int, task: str) -> None:
+    """n distinct downstream examples as jsonl with fields ``input`` and ``target``.
+
+    * ``mul``: ``{"input": "417*6=", "target": "2502"}``, a in 0..999, b in 2..9 (n of the 8000
+      pairs, drawn without replacement). Multiplication is not in the pretraining corpus.
+    * ``reverse``: ``{"input": "rev kqzma=", "target": "amzqk"}``, 3-8 letters (pretraining
+      reverses digits and copies letters).
+    """
     rng = np.random.default_rng(seed)
-    seen = set()
-    with open(path, "w") as fh:
+    rows = []
+    if task == "mul":
+        pairs = [(a, b) for a in range(1000) for b in range(2, 10)]
+        if n > len(pairs):
+            raise ValueError(f"the mul task has {len(pairs)} distinct examples; {n} asked")
+        for i in rng.permutation(len(pairs))[:n]:
+            a, b = pairs[i]
+            rows.append({"input": f"{a}*{b}=", "target": str(a * b)})
+    elif task == "reverse":
+        seen = set()
         while len(seen) < n:
             s = "".join(rng.choice(list(LETTERS), rng.integers(3, 9)))
-            if s in seen:
-                continue
-            seen.add(s)
-            fh.write(json.dumps({"input": f"rev {s}=", "target": s[::-1]}) + "\n")
+            if s not in seen:
+                seen.add(s)
+                rows.append({"input": f"rev {s}=", "target": s[::-1]})
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # ---------------------------------------------------------------------------------- pretraining
@@ -303,14 +334,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="5 models, target 800, budgets 200/400")
     ap.add_argument("--fresh", action="store_true", help="delete the zoo and the curves CSV first")
+    ap.add_argument("--task", choices=("mul", "reverse"), default="mul",
+                    help="downstream task: mul (a*b=, default) or reverse (rev abc=cba)")
     ap.add_argument("--root", default=None, help="zoo folder (default /tmp/lensjax-zoo[-quick])")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/...)")
     args = ap.parse_args(argv)
 
-    spec = quick_spec() if args.quick else full_spec()
+    spec = dataclasses.replace(quick_spec() if args.quick else full_spec(), task=args.task)
     root = Path(args.root or ("/tmp/lensjax-zoo-quick" if args.quick else "/tmp/lensjax-zoo"))
     out_json = Path(args.out or REPO / "benchmarks" / "results" /
-                    ("lensllm_experiment_quick.json" if args.quick else "lensllm_experiment.json"))
+                    ("lensllm_experiment" + ("_quick" if args.quick else "")
+                     + ("" if args.task == "mul" else f"_{args.task}") + ".json"))
     if args.fresh:
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -328,9 +362,9 @@ def main(argv=None) -> int:
 
     # 3. downstream task ---------------------------------------------------------------------
     n_total = spec.target + spec.n_spare + spec.n_heldout
-    data = root / f"reverse-{n_total}.jsonl"
+    data = root / f"{spec.task}-{n_total}.jsonl"
     if not data.exists():
-        write_task(data, n_total, spec.seed + 7)
+        write_task(data, n_total, spec.seed + 7, spec.task)
     import lensjax
     from lensjax.selection import pipeline
     from lensjax.selection.curves import read_curves
@@ -341,7 +375,7 @@ def main(argv=None) -> int:
     ft = FinetuneConfig(lr=spec.ft_lr, batch_size=spec.ft_batch, epochs=spec.ft_epochs,
                         min_steps=spec.ft_min_steps, max_len=spec.ft_max_len, eval_batch_size=100, seed=spec.seed)
     train, held = load_pairs(str(data), seed=ft.seed)
-    log(f"task: {data} -> {len(train)} train / {len(held)} held-out (string reversal); "
+    log(f"task: {data} -> {len(train)} train / {len(held)} held-out ({spec.task}); "
         f"ladder {pipeline.ladder(spec.target, spec.base)}, t(D) = max({ft.min_steps}, ceil({ft.epochs:g}*D/{ft.batch_size}))")
 
     # parity: PyTorch vs lensjax target-token loss of each pretrained checkpoint -------------
@@ -418,7 +452,7 @@ def main(argv=None) -> int:
     timings["total_s"] = time.time() - t_start
     sizes = [int(x) for x in curves.sizes]
     print()
-    print(f"### Zoo and measured curves (mean target-token NLL on {len(held)} held-out reversal examples)\n")
+    print(f"### Zoo and measured curves (mean target-token NLL on {len(held)} held-out {spec.task} examples)\n")
     print("| model | family | params | pretrain steps | " + " | ".join(f"D={s}" for s in sizes) + " |")
     print("|---|---|---:|---:|" + "---:|" * len(sizes))
     for i, n in enumerate(names):
