@@ -93,7 +93,8 @@ def _param_count(params) -> int:
 def run(models: list[str], dataset: str, *, budget: int, target_size: int, method: str = "lensllm",
         base: int = 200, ft: FinetuneConfig = FinetuneConfig(), ntk_cfg: NTKConfig = NTKConfig(),
         prompt_column: str = "input", target_column: str = "target", curves_out: str | os.PathLike = "curves.csv",
-        ntk_out: str | os.PathLike | None = None, progress=None, log=print) -> dict:
+        ntk_out: str | os.PathLike | None = None, progress=None, n_eval: int | None = None,
+        eval_split: str | None = None) -> dict:
     """Fine-tune every candidate on the ladder, compute NTKs, fit and rank. Returns a result dict
     (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made."""
     import lensjax
@@ -103,7 +104,8 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
     sizes = ladder(budget, base)
     if len(set(models)) != len(models):
         raise SelectionError("duplicate model ids in --models")
-    train, held = load_pairs(dataset, prompt_column=prompt_column, target_column=target_column, seed=ft.seed)
+    train, held = load_pairs(dataset, prompt_column=prompt_column, target_column=target_column, seed=ft.seed,
+                             n_eval=n_eval, eval_split=eval_split)
     if sizes[-1] > len(train):
         raise DataError(f"the ladder needs {sizes[-1]} training examples; {dataset!r} has {len(train)}")
     order = np.random.default_rng(ft.seed).permutation(len(train))  # one fixed order: nested subsets
