@@ -19,9 +19,12 @@ from lensjax.models.transformer import _forward
 def token_logprobs(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
     """(log p(ids[t] | ids[<t]) [B, T−1], weight [B, T−1]) for the target tokens."""
     logits, _ = _forward(cfg, params, batch["ids"], batch["attn"], None, None)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    logits = logits[:, :-1].astype(jnp.float32)
     nxt = batch["ids"][:, 1:]
-    lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    # A one-hot product rather than a gather: the gather's gradient is a scatter, which XLA's CPU
+    # backend runs far slower (train step 2.25 s -> 1.42 s on a 10M Llama, 8 x 128 tokens).
+    picked = jnp.sum(logits * jax.nn.one_hot(nxt, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    lp = picked - jax.nn.logsumexp(logits, axis=-1)
     w = (batch["target"][:, 1:] & batch["attn"][:, 1:]).astype(jnp.float32)
     return lp, w
 
