@@ -31,6 +31,11 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    ``torch.optim.AdamW(lr=1e-4, weight_decay=1e-4)``, optax's defaults). Median of warm steps;
    both start from the same weights on the same batch, so their loss trajectories are compared.
 
+Also reported: the time of J Jᵀ alone on the torch sides and of lensjax's per-sample-gradient
+stage alone (``ntk.jacobian_rows``, a separate program; ``--no-breakdown`` skips it), and the share
+of CPU time other processes used during each timed section (the box is shared: oversubscribed
+cores slow thread pools down far more than proportionally, so a warning is printed above 10%).
+
 Times are medians of ``--repeats`` (NTK) / ``--train-repeats`` (step) warm runs. Prints a table
 (baseline time, lensjax time, ratio = baseline / lensjax, goal, met?) and writes JSON atomically.
 """
@@ -49,6 +54,36 @@ from pathlib import Path
 import numpy as np
 
 GOALS = {"ntk_vs_loop": 5.0, "ntk_vs_func": 1.5, "train_vs_eager": 1.5}
+
+
+class OtherLoad:
+    """Share of the machine's CPU time used by *other* processes over a section (from
+    /proc/stat minus this process's own CPU time): the benchmark runs on a shared 2-core box, and
+    oversubscribed cores slow OpenMP/Eigen thread pools down far more than proportionally."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        other = (_busy_s() - self.busy0) - (_own_s() - self.own0)
+        self.fraction = max(other, 0.0) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+        return False
+
+
+def _busy_s():
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _own_s():
+    t = os.times()
+    return t.user + t.system
 
 
 def _median_time(fn, repeats, sync=lambda r: r):
@@ -123,8 +158,14 @@ def ntk_lensjax(model, batch_np, args) -> dict:
     K = run().block_until_ready()
     first = time.perf_counter() - t0
     med, ts, K = _median_time(run, args.repeats, lambda r: r.block_until_ready())
-    return {"K": np.asarray(K, np.float64), "time_s": med, "times_s": ts, "first_call_s": first,
-            "compile_s": max(first - med, 0.0)}
+    out = {"K": np.asarray(K, np.float64), "time_s": med, "times_s": ts, "first_call_s": first,
+           "compile_s": max(first - med, 0.0)}
+    del K
+    if args.breakdown:  # the per-sample-gradient stage alone (J [n, P]), a separate jitted program
+        rows = lambda: ntk.jacobian_rows(f, model.params, batch, chunk_size=args.chunk)  # noqa: E731
+        rows().block_until_ready()
+        out["jacobian_rows_s"] = _median_time(rows, args.repeats, lambda r: (r.block_until_ready(), None)[1])[0]
+    return out
 
 
 def ntk_torch_loop(hf, batch_np, args) -> dict:
@@ -145,15 +186,20 @@ def ntk_torch_loop(hf, batch_np, args) -> dict:
             out[off:off + g.numel()] = g.reshape(-1)
             off += g.numel()
 
+    jjt = []
+
     def run():
         J = torch.empty(n, P)
         for i in range(n):
             row(i, J[i])
-        return J @ J.T
+        t0 = time.perf_counter()
+        K = J @ J.T
+        jjt.append(time.perf_counter() - t0)
+        return K
 
     row(0, torch.empty(P))  # warm-up: one sample
     med, ts, K = _median_time(run, args.repeats)
-    return {"K": K.double().numpy(), "time_s": med, "times_s": ts}
+    return {"K": K.double().numpy(), "time_s": med, "times_s": ts, "jjt_s": float(np.median(jjt))}
 
 
 def ntk_torch_func(hf_eager, batch_np, args) -> dict:
@@ -180,15 +226,20 @@ def ntk_torch_func(hf_eager, batch_np, args) -> dict:
             J[a:a + c, off:off + m] = g[k].reshape(c, m)
             off += m
 
+    jjt = []
+
     def run():
         J = torch.empty(n, P)
         for a in range(0, n, c):
             fill(a, J)
-        return J @ J.T
+        t0 = time.perf_counter()
+        K = J @ J.T
+        jjt.append(time.perf_counter() - t0)
+        return K
 
     fill(0, torch.empty(c, P))  # warm-up: one chunk
     med, ts, K = _median_time(run, args.repeats)
-    return {"K": K.double().numpy(), "time_s": med, "times_s": ts}
+    return {"K": K.double().numpy(), "time_s": med, "times_s": ts, "jjt_s": float(np.median(jjt))}
 
 
 def rel_diff(K, ref):
@@ -267,6 +318,8 @@ def main():
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--train-repeats", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="skip timing lensjax's per-sample-gradient stage (jacobian_rows) on its own")
     ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
     args = ap.parse_args()
     if args.quick:
@@ -301,8 +354,11 @@ def main():
                      ("torch_loop", lambda: ntk_torch_loop(hf, probe, args)),
                      ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args))):
         try:
-            res_ntk[name] = fn()
-            print(f"  NTK {name:<11} {res_ntk[name]['time_s']:8.3f} s  (runs {', '.join(f'{t:.2f}' for t in res_ntk[name]['times_s'])})")
+            with OtherLoad() as ol:
+                res_ntk[name] = fn()
+            res_ntk[name]["other_cpu_load"] = ol.fraction
+            print(f"  NTK {name:<11} {res_ntk[name]['time_s']:8.3f} s  (runs {', '.join(f'{t:.2f}' for t in res_ntk[name]['times_s'])}; "
+                  f"other processes' CPU load {100 * ol.fraction:.0f}%)")
         except Exception as e:  # report and go on: one side failing should not lose the others
             res_ntk[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  NTK {name:<11} FAILED: {res_ntk[name]['error']}")
@@ -331,11 +387,14 @@ def main():
     for name, fn in (("lensjax", lambda: train_lensjax(model, train_batch, args)),
                      ("torch_eager", lambda: train_torch(path, train_batch, args))):
         try:
-            res_train[name] = fn()
+            with OtherLoad() as ol:
+                res_train[name] = fn()
+            res_train[name]["other_cpu_load"] = ol.fraction
         except Exception as e:
             res_train[name] = {"error": f"{type(e).__name__}: {e}"}
         r = res_train[name]
-        print(f"  train {name:<11} " + (f"{r['time_s']:8.4f} s" if "time_s" in r else f"FAILED/SKIPPED: {r['error']}"))
+        print(f"  train {name:<11} " + (f"{r['time_s']:8.4f} s (min {min(r['times_s']):.4f}; other processes' CPU load "
+                                        f"{100 * r['other_cpu_load']:.0f}%)" if "time_s" in r else f"FAILED/SKIPPED: {r['error']}"))
     if "losses" in res_train["lensjax"] and "losses" in res_train["torch_eager"]:
         a, b = np.array(res_train["lensjax"]["losses"]), np.array(res_train["torch_eager"]["losses"])
         res_train["max_abs_loss_diff"] = float(np.abs(a - b).max())
@@ -367,7 +426,17 @@ def main():
           f"+ J Jᵀ 2·n²·P {jjt_flops / 1e9:.1f} (P = {P:,}, all parameters)")
     if "time_s" in lj:
         print(f"  lensjax NTK: {flops / lj['time_s'] / 1e9:.1f} GFLOP/s; compile {lj['compile_s']:.1f} s (first call {lj['first_call_s']:.1f} s)")
-        lj["gflops_per_s"] = flops / lj["time_s"] / 1e9
+    for name, r in res_ntk.items():
+        if "time_s" in r:
+            r["gflops_per_s"] = flops / r["time_s"] / 1e9
+    parts = []
+    if "jacobian_rows_s" in lj:
+        parts.append(f"lensjax J alone {lj['jacobian_rows_s']:.2f} s (so J Jᵀ + glue ≈ {lj['time_s'] - lj['jacobian_rows_s']:.2f} s)")
+    for name in ("torch_loop", "torch_func"):
+        if "jjt_s" in res_ntk[name]:
+            parts.append(f"{name} J Jᵀ {res_ntk[name]['jjt_s']:.2f} s")
+    if parts:
+        print("  breakdown: " + "; ".join(parts))
     for name in ("lensjax", "torch_func"):
         r = res_ntk[name]
         if "max_rel_diff_vs_loop" in r:
@@ -387,6 +456,12 @@ def main():
     if "max_abs_loss_diff" in res_train:
         print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
 
+    busy = {k: r.get("other_cpu_load", 0.0) for k, r in [*res_ntk.items(), *[(f"train_{a}", b) for a, b in res_train.items()
+                                                                              if isinstance(b, dict)]]}
+    if max(busy.values(), default=0.0) > 0.10:
+        print(f"WARNING: other processes used up to {100 * max(busy.values()):.0f}% of the CPUs during a timed section; "
+              "timings are unreliable (see other_cpu_load in the JSON)")
+
     payload = {
         "setup": {"params": P, "params_lensjax": P_lj, "input_embedding_params": P_embed, "layers": args.layers,
                   "model_dir": str(path), "ntk_n": n, "ntk_T": T, "ntk_target_tokens": T - T // 2, "chunk": args.chunk,
@@ -394,6 +469,7 @@ def main():
                   "train_warmup": args.train_warmup, "train_repeats": args.train_repeats, "lr": args.lr,
                   "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
                   "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                  "loadavg_at_end": list(os.getloadavg()),
                   "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"}},
         "ntk": {**res_ntk, "flops": flops, "grad_flops": grad_flops, "jjt_flops": jjt_flops, "K_summary": k_summary},
         "train_step": {**res_train, "flops": train_flops},
