@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import rectified_reference as ref  # noqa: E402
 
+from lensjax.io import atomic_write  # noqa: E402
 from lensjax.selection.curves import load_embedded  # noqa: E402
 from lensjax.selection.fit import fit_curves  # noqa: E402
 from lensjax.selection.selectors import RATIOS, Protocol  # noqa: E402
@@ -126,12 +126,7 @@ def main():
         "lensjax_le_scipy_fraction": better,
         "solvers": rows,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(tmp, path)
+    path = atomic_write(args.out, json.dumps(out, indent=2))
     print(f"wrote {path}")
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lensjax.io import atomic_write
+
 
 def _median_time(fn, repeats):
     ts = []
@@ -186,12 +188,7 @@ def main():
         print(f"  {which:<8} wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
               f"peak − base {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB = {r['peak_minus_base_over_file']:.2f}x file")
     payload = {"models": results, "load": load}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
+    path = atomic_write(args.out, json.dumps(payload, indent=2))
     print(f"wrote {path}")
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from lensjax.io import atomic_write
 from lensjax.selection.curves import load_embedded
 from lensjax.selection.selectors import RATIOS, select_many
 
@@ -146,7 +145,7 @@ def main():
     md.append("✓ / ✗: lower / not lower than both reference figures (rectified and AtS) at that ratio.\n")
 
     if args.markdown:
-        _atomic(args.markdown, "\n".join(md) + "\n")
+        atomic_write(args.markdown, "\n".join(md) + "\n")
     if args.json:
         payload = {
             f"{s}/{m}": [x.to_json() | {"rmse": x.rmse()} for x in sels] for (s, m), sels in res.items()
@@ -155,15 +154,7 @@ def main():
             if isinstance(v, list):
                 for x in v:
                     x.pop("params", None)
-        _atomic(args.json, json.dumps(payload, indent=1))
-
-
-def _atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+        atomic_write(args.json, json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":
