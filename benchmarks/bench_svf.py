@@ -314,6 +314,7 @@ def write_json(path: Path, payload: dict):
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
