@@ -1,6 +1,6 @@
 """Benchmark: the exact empirical NTK and one fine-tuning step, lensjax vs PyTorch, on CPU.
 
-    python benchmarks/bench_ntk.py [--out benchmarks/results/bench_ntk.json] [--quick]
+    python benchmarks/bench_ntk.py [--out benchmarks/results/bench_ntk.json] [--quick] [--wait-idle 300]
 
 One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hidden 256, MLP
 1024, 6 layers, 8 heads / 4 kv heads, untied head; built with ``transformers``, saved once with
@@ -21,7 +21,9 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
      into J, then J @ J.T (eager attention: SDPA has no vmap batching rule on CPU and falls back
      to a per-sample loop, which is slower).
 
-   Agreement: max |K − K_loop| / max |K_loop| for lensjax and torch.func against the loop.
+   Agreement: max |K − K_loop| / max |K_loop| for lensjax and torch.func against the loop. (With
+   n < 16, torch's float32 ``J @ J.T`` takes a less accurate CPU path — ~1e-3 relative error on
+   this K, measured against float64 — so the check is only meaningful for n ≥ 16.)
    FLOP estimate: n · 3 · (2 · P · T) for the per-sample gradients (backward ≈ 2× forward, 2·P
    flops per token; P counts all parameters, embeddings included) + 2 · n² · P for J Jᵀ.
 
@@ -84,6 +86,18 @@ def _busy_s():
 def _own_s():
     t = os.times()
     return t.user + t.system
+
+
+def wait_idle(max_s: float, busy_below: float = 0.10, window_s: float = 2.0) -> float:
+    """Wait (at most ``max_s``) until the CPUs were less than ``busy_below`` busy over one
+    ``window_s`` window; returns the seconds waited. No-op for ``max_s <= 0``."""
+    t0 = time.perf_counter()
+    while max_s > 0 and time.perf_counter() - t0 < max_s:
+        b0, w0 = _busy_s(), time.perf_counter()
+        time.sleep(window_s)
+        if (_busy_s() - b0) / ((time.perf_counter() - w0) * (os.cpu_count() or 1)) < busy_below:
+            break
+    return time.perf_counter() - t0
 
 
 def _median_time(fn, repeats, sync=lambda r: r):
@@ -320,6 +334,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip timing lensjax's per-sample-gradient stage (jacobian_rows) on its own")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each timed section, wait up to this long for the CPUs to be <10%% busy "
+                         "(for a shared machine; default 0: don't wait)")
     ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
     args = ap.parse_args()
     if args.quick:
@@ -354,6 +371,7 @@ def main():
                      ("torch_loop", lambda: ntk_torch_loop(hf, probe, args)),
                      ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args))):
         try:
+            wait_idle(args.wait_idle)
             with OtherLoad() as ol:
                 res_ntk[name] = fn()
             res_ntk[name]["other_cpu_load"] = ol.fraction
@@ -363,6 +381,8 @@ def main():
             res_ntk[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  NTK {name:<11} FAILED: {res_ntk[name]['error']}")
 
+    if n < 16:
+        print("  note: n < 16: torch's float32 J @ J.T is itself ~1e-3 off here, so the agreement check is loose")
     ref = res_ntk.get("torch_loop", {}).get("K")
     for name in ("lensjax", "torch_func"):
         if ref is not None and "K" in res_ntk[name]:
@@ -387,6 +407,7 @@ def main():
     for name, fn in (("lensjax", lambda: train_lensjax(model, train_batch, args)),
                      ("torch_eager", lambda: train_torch(path, train_batch, args))):
         try:
+            wait_idle(args.wait_idle)
             with OtherLoad() as ol:
                 res_train[name] = fn()
             res_train[name]["other_cpu_load"] = ol.fraction
@@ -482,6 +503,9 @@ def main():
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
