@@ -67,7 +67,10 @@ def _act(name: str, x):
 
 
 def _dense(p: dict, x):
-    y = x @ p["w"]
+    # As a 2-D matmul: XLA's CPU backward of a 3-D x @ W transposes [B, T, F] badly (measured:
+    # 10M Llama gradient, 8 x 128 tokens, 717 -> 520 ms).
+    lead = x.shape[:-1]
+    y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
     if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
         y = y + (((x @ p["svf_u"].astype(x.dtype)) * p["svf_d"].astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
     return y + p["b"] if "b" in p else y
