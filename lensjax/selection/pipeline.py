@@ -143,7 +143,8 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                 ntks[name] = c
             bar is not None and bar.advance(task)
 
-    curves = store.curves().subset([store.curves().models.index(m) for m in models])
+    measured = store.curves()
+    curves = measured.subset([measured.models.index(m) for m in models])
     kw = {}
     if method == "lensllm":
         steps = np.array([[store.steps(m, int(s)) for s in curves.sizes] for m in models], np.float64)
