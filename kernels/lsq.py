@@ -56,11 +56,15 @@ class _Problem(NamedTuple):
     y: Array  # [M]
     w: Array  # [M], zero where masked, sums to 1
     extra: Array  # [M]
+    prior_mean: Array  # [P]
+    prior_prec: Array  # [P], zero: no prior on that parameter
 
 
 def _residual(model_fn: ModelFn, theta: Array, prob: _Problem) -> Array:
+    """Data residuals, then one Gaussian-prior residual per parameter (zero without a prior)."""
     pred = model_fn(theta, prob.x, prob.extra)
-    return jnp.sqrt(prob.w) * (pred - prob.y)
+    data = jnp.sqrt(prob.w) * (pred - prob.y)
+    return jnp.concatenate([data, jnp.sqrt(prob.prior_prec) * (theta - prob.prior_mean)])
 
 
 def _objective(model_fn: ModelFn, theta: Array, prob: _Problem) -> Array:
@@ -180,6 +184,8 @@ def fit_arrays(
     mask: Array,
     extra: Array,
     weight: Array | None = None,
+    prior_mean: Array | None = None,
+    prior_prec: Array | None = None,
     *,
     solver: str = "lm",
     max_steps: int = 400,
@@ -196,6 +202,9 @@ def fit_arrays(
       x, y, extra: [N, M] inputs, targets and per-point side data (e.g. an NTK term).
       mask: [N, M] bool, which points exist.
       weight: optional [N, M] non-negative point weights (default 1).
+      prior_mean, prior_prec: optional [N, P] Gaussian prior on the parameters, in objective
+        units: the objective becomes ``mean_w (pred − y)² + Σ_p prec_p (θ_p − mean_p)²``
+        (precision 0: no prior on that parameter). :func:`fit_joint` sets them by empirical Bayes.
       screen_steps: multi-start screening. All S starts run at most this many solver steps; only
         the best start of each problem then runs on to convergence (``max_steps`` more at most).
         A vmapped ``while_loop`` costs its slowest member's step count for every member, so this
@@ -218,6 +227,8 @@ def fit_arrays(
         y=jnp.where(mask, y, 0.0).astype(dtype),
         w=w,
         extra=jnp.where(mask, extra, 0.0).astype(dtype),
+        prior_mean=(jnp.zeros(theta0.shape[::2], dtype) if prior_mean is None else prior_mean.astype(dtype)),
+        prior_prec=(jnp.zeros(theta0.shape[::2], dtype) if prior_prec is None else prior_prec.astype(dtype)),
     )
 
     def run(theta, steps):
@@ -267,6 +278,8 @@ def fit(
     mask,
     extra,
     weight=None,
+    prior_mean=None,
+    prior_prec=None,
     *,
     solver: str = "lm",
     max_steps: int = 400,
@@ -283,12 +296,25 @@ def fit(
     are dropped from the result), so any number of curves runs on any mesh.
     """
     if mesh is None:
-        return fit_arrays(model_fn, theta0, x, y, mask, extra, weight, solver=solver,
+        return fit_arrays(model_fn, theta0, x, y, mask, extra, weight, prior_mean, prior_prec, solver=solver,
                           max_steps=max_steps, ftol=ftol, xtol=xtol, gtol=gtol,
                           screen_steps=screen_steps)
     n = theta0.shape[0]
-    size = mesh.shape[axis]
-    pad = (-n) % size
+    padded, mask_p = _padder(mesh, axis, n, mask)
+    out = fit_arrays(
+        model_fn, padded(theta0, 0.0), padded(x, 1.0), padded(y, 0.0), mask_p,
+        padded(extra, 0.0), padded(weight, 1.0), padded(prior_mean, 0.0), padded(prior_prec, 0.0),
+        solver=solver, max_steps=max_steps, ftol=ftol, xtol=xtol, gtol=gtol, screen_steps=screen_steps,
+    )
+    return jax.tree.map(lambda a: a[:n], out)
+
+
+def _padder(mesh, axis, n, mask):
+    """Pad the leading (curve) axis to a multiple of ``mesh[axis]`` and shard it over that axis.
+
+    Dummy problems get one point at x=1, y=0, so their objective is finite and they stop at once.
+    """
+    pad = (-n) % mesh.shape[axis]
 
     def padded(a, fill):
         if a is None:
@@ -299,13 +325,147 @@ def fit(
         spec = jax.sharding.PartitionSpec(axis, *([None] * (a.ndim - 1)))
         return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
 
-    # Dummy problems: one point at x=1, y=0 so their objective is finite and they stop at once.
     mask_p = padded(mask, False)
     if pad:
         mask_p = mask_p.at[n:, 0].set(True)
-    out = fit_arrays(
-        model_fn, padded(theta0, 0.0), padded(x, 1.0), padded(y, 0.0), mask_p,
-        padded(extra, 0.0), padded(weight, 1.0), solver=solver, max_steps=max_steps,
-        ftol=ftol, xtol=xtol, gtol=gtol, screen_steps=screen_steps,
+    return padded, mask_p
+
+
+# ------------------------------------------------------------------------- joint (empirical Bayes)
+class JointFitResult(NamedTuple):
+    """:func:`fit_joint`'s result.
+
+    params [N, P], objective [N] (data part only: the weighted mean squared residual),
+    converged [N], steps [N] (both fits together), independent: the :class:`FitResult` of the
+    first, independent fits; prior_mean [N, P] and prior_prec [N, P] as used in the second fit;
+    group_mean [G, P], group_tau2 [G, P] (between-candidate variance of each tied parameter),
+    group_sigma2 [G] (pooled residual variance), param_var [N, P] (each independent fit's
+    sampling variance of its parameters, from σ² (JᵀJ)⁻¹).
+    """
+
+    params: Array
+    objective: Array
+    converged: Array
+    steps: Array
+    independent: FitResult
+    prior_mean: Array
+    prior_prec: Array
+    group_mean: Array
+    group_tau2: Array
+    group_sigma2: Array
+    param_var: Array
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model_fn", "n_groups", "tied", "solver", "max_steps", "screen_steps", "ftol", "xtol",
+                     "gtol"),
+)
+def fit_joint(
+    model_fn: ModelFn,
+    theta0: Array,
+    x: Array,
+    y: Array,
+    mask: Array,
+    extra: Array,
+    group: Array,
+    *,
+    n_groups: int,
+    tied: tuple[bool, ...],
+    tau_floor: float = 1e-2,
+    tau_scale: float = 1.0,
+    solver: str = "lm",
+    max_steps: int = 400,
+    screen_steps: int = 30,
+    ftol: float = 1e-12,
+    xtol: float = 1e-12,
+    gtol: float = 1e-10,
+) -> JointFitResult:
+    """Fit N curves jointly: the ``tied`` parameters of the curves in a group share a Gaussian prior
+    whose mean and spread are estimated from the curves themselves (empirical Bayes), all in one
+    jitted call with no loop over curves or groups.
+
+    1. Every curve is fitted alone (multi-start, as :func:`fit_arrays`): θ̂_n, residual sum of
+       squares, and the sampling variance v_np = σ²_g [(JᵀJ)⁻¹]_pp with σ²_g the residual variance
+       pooled over group g (Σ RSS / Σ (m − P)).
+    2. Per group and tied parameter, the between-curve variance is estimated by moments
+       (DerSimonian–Laird): τ² = max(var_n θ̂_np − mean_n v_np, tau_floor²) · tau_scale, and the
+       prior mean is the precision-weighted mean μ = Σ θ̂/(v + τ²) / Σ 1/(v + τ²).
+    3. Every curve is refitted from θ̂_n with the prior N(μ, τ²) on its tied parameters. On the
+       log-likelihood scale of Gaussian log-residuals with variance σ², this is the objective
+       ``mean (pred − y)² + (σ²_g / m_n) Σ_p (θ_p − μ_gp)² / τ²_gp``: the MAP estimate.
+
+    A parameter the data pin down (small v) barely moves; a poorly identified one (large v: a
+    flat direction, or a curve with few points) is pulled to its group's mean. A group of one
+    curve gets μ = θ̂ and nothing changes. ``group`` [N] holds ids in ``[0, n_groups)``; ids
+    outside that range (padding) take no part in any group's statistics.
+    """
+    dtype = theta0.dtype
+    tied_v = jnp.asarray(tied, bool)
+    if tied_v.shape != (theta0.shape[-1],):
+        raise ValueError(f"tied must have one flag per parameter ({theta0.shape[-1]}); got {len(tied)}")
+    common = dict(solver=solver, ftol=ftol, xtol=xtol, gtol=gtol)
+    first = fit_arrays(model_fn, theta0, x, y, mask, extra, max_steps=max_steps, screen_steps=screen_steps,
+                       **common)
+    theta = first.params
+    mask = mask.astype(bool)
+    n_pts = jnp.sum(mask, axis=-1).astype(dtype)
+    n_par = theta.shape[-1]
+    xs, es = jnp.where(mask, x, 1.0).astype(dtype), jnp.where(mask, extra, 0.0).astype(dtype)
+
+    def info(th, xi, ei, mi):
+        jac = jax.jacfwd(model_fn)(th, xi, ei) * mi[:, None]
+        return jac.T @ jac
+
+    h = jax.vmap(info)(theta, xs, es, mask.astype(dtype))  # [N, P, P]
+    valid = (group >= 0) & (group < n_groups) & jnp.isfinite(first.objective)
+    gid = jnp.where(valid, group, n_groups)  # invalid rows go to a spare segment
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=gid, num_segments=n_groups + 1)
+    rss = jnp.where(valid, first.objective * n_pts, 0.0)
+    dof = jnp.where(valid, n_pts - n_par, 0.0)
+    sigma2_g = seg(rss) / jnp.maximum(seg(dof), 1.0)  # [G+1]
+    sigma2 = sigma2_g[gid]
+    # (JᵀJ)⁻¹ through eigh, with eigenvalues floored: a flat direction gets a large, finite variance.
+    lam, vec = jnp.linalg.eigh(h)
+    lam = jnp.maximum(lam, jnp.finfo(dtype).eps * jnp.maximum(jnp.max(lam, axis=-1, keepdims=True), 1.0) + 1e-12)
+    inv_diag = jnp.einsum("npk,nk,npk->np", vec, 1.0 / lam, vec)
+    var = jnp.minimum(sigma2[:, None] * inv_diag, 1e6)  # [N, P]
+    cnt = seg(valid.astype(dtype))[:, None]  # [G+1, 1]
+    th_v = jnp.where(valid[:, None], theta, 0.0)
+    mean_g = seg(th_v) / jnp.maximum(cnt, 1.0)
+    between = seg(jnp.where(valid[:, None], (theta - mean_g[gid]) ** 2, 0.0)) / jnp.maximum(cnt - 1.0, 1.0)
+    within = seg(jnp.where(valid[:, None], var, 0.0)) / jnp.maximum(cnt, 1.0)
+    tau2_g = jnp.maximum(between - within, tau_floor ** 2) * tau_scale  # [G+1, P]
+    wgt = jnp.where(valid[:, None], 1.0 / (var + tau2_g[gid]), 0.0)
+    mu_g = seg(wgt * theta) / jnp.maximum(seg(wgt), jnp.finfo(dtype).tiny)
+    prior_mean = mu_g[gid]
+    prior_prec = jnp.where(valid[:, None] & tied_v[None, :],
+                           sigma2[:, None] / (jnp.maximum(n_pts, 1.0)[:, None] * tau2_g[gid]), 0.0)
+    second = fit_arrays(model_fn, theta[:, None, :], x, y, mask, extra, None, prior_mean, prior_prec,
+                        max_steps=max_steps, screen_steps=0, **common)
+    theta2 = jnp.where(jnp.isfinite(second.objective)[:, None], second.params, theta)
+    pred = jax.vmap(model_fn)(theta2, xs, es)
+    data_obj = jnp.sum(jnp.where(mask, (pred - y) ** 2, 0.0), axis=-1) / jnp.maximum(n_pts, 1.0)
+    return JointFitResult(
+        params=theta2, objective=data_obj, converged=second.converged & first.converged,
+        steps=first.steps + second.steps, independent=first, prior_mean=prior_mean, prior_prec=prior_prec,
+        group_mean=mu_g[:n_groups], group_tau2=tau2_g[:n_groups], group_sigma2=sigma2_g[:n_groups],
+        param_var=var,
     )
-    return jax.tree.map(lambda a: a[:n], out)
+
+
+def fit_joint_sharded(model_fn, theta0, x, y, mask, extra, group, *, n_groups, tied, mesh=None,
+                      axis: str = "candidate", **kw) -> JointFitResult:
+    """:func:`fit_joint` with the curve axis sharded over ``mesh[axis]`` (padding rows join no group);
+    the per-group sums become cross-device reductions that XLA inserts."""
+    if mesh is None:
+        return fit_joint(model_fn, theta0, x, y, mask, extra, group, n_groups=n_groups, tied=tied, **kw)
+    n = theta0.shape[0]
+    padded, mask_p = _padder(mesh, axis, n, mask)
+    out = fit_joint(model_fn, padded(theta0, 0.0), padded(x, 1.0), padded(y, 0.0), mask_p, padded(extra, 0.0),
+                    padded(jnp.asarray(group, jnp.int32), n_groups), n_groups=n_groups, tied=tied, **kw)
+    cut = lambda a: a[:n]  # noqa: E731
+    return out._replace(params=cut(out.params), objective=cut(out.objective), converged=cut(out.converged),
+                        steps=cut(out.steps), independent=jax.tree.map(cut, out.independent),
+                        prior_mean=cut(out.prior_mean), prior_prec=cut(out.prior_prec),
+                        param_var=cut(out.param_var))

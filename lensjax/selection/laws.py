@@ -197,7 +197,60 @@ LENSLLM = Law(
     uses_extra=True,
 )
 
-LAWS = {law.name: law for law in (RECTIFIED, VANILLA, LENSLLM)}
+# ------------------------------------------------------------ no-floor variants (E = 0 exactly)
+# A floor E > 0 fitted on a short ladder tends to flatten the extrapolation, while the shipped
+# curves keep steepening in log–log up to the target. Without the floor, B/(D_l + D^β) has a
+# log–log slope that steepens from 0 towards −β as D^β outgrows D_l.
+def _rectified_nofloor_log_predict(theta, d, extra):
+    del extra
+    b, dl, c = theta[0], theta[1], theta[2]
+    return b - jnp.logaddexp(dl, _log_d_pow(jnp.exp(c), d))
+
+
+def _rectified_nofloor_init(key, d, logl, mask, extra, n_starts):
+    w = mask.astype(logl.dtype)
+    beta, _ = _sample_beta_e(key, logl, w, n_starts, 0.02, 1.5)
+
+    def one(beta_s):
+        d_pow = jnp.where(d > 0, jnp.exp(beta_s * _safe_log(d)), 0.0)
+        slope, intercept = _inverse_gap_regression(d_pow, logl, w, 0.0, 0.0)
+        big_b = 1.0 / slope
+        d_l = jnp.maximum(intercept, 1e-3 * slope) / slope
+        return jnp.stack([jnp.log(big_b), jnp.log(d_l), jnp.log(beta_s)])
+
+    return jax.vmap(one)(beta)
+
+
+RECTIFIED_NOFLOOR = Law(
+    name="rectified_nofloor",
+    param_names=("B", "D_l", "beta"),
+    log_predict=_rectified_nofloor_log_predict,
+    init=_rectified_nofloor_init,
+    allows_zero=True,
+    uses_extra=False,
+)
+
+
+def _lensllm_nofloor_log_predict(theta, d, f):
+    b, c = theta[0], theta[1]
+    log_f = jnp.where(f > 0, _safe_log(f), -jnp.inf)
+    return b - jnp.logaddexp(log_f, _log_d_pow(jnp.exp(c), d))
+
+
+def _lensllm_nofloor_init(key, d, logl, mask, f, n_starts):
+    return _lensllm_init(key, d, logl, mask, f, n_starts)[:, :2]
+
+
+LENSLLM_NOFLOOR = Law(
+    name="lensllm_nofloor",
+    param_names=("B", "beta"),
+    log_predict=_lensllm_nofloor_log_predict,
+    init=_lensllm_nofloor_init,
+    allows_zero=True,
+    uses_extra=True,
+)
+
+LAWS = {law.name: law for law in (RECTIFIED, VANILLA, LENSLLM, RECTIFIED_NOFLOOR, LENSLLM_NOFLOOR)}
 
 
 def rectified_reference_form(params: dict) -> dict:

@@ -28,25 +28,35 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import numpy as np
 
 from lensjax.selection import cost as cost_mod
 from lensjax.selection.curves import Curves
-from lensjax.selection.fit import CurveFit, fit_curves
+from lensjax.selection import predictors
+from lensjax.selection.fit import CurveFit
 from lensjax.selection.laws import LAWS
 from lensjax.selection.metrics import selection_metrics
+from lensjax.selection.predictors import PREDICTORS, Settings, ats_predict  # noqa: F401  (re-exported)
+from lensjax.selection.uncertainty import Bootstrap, bootstrap_rows
 
 TARGET_SIZE = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 BASE_SIZE = 200
 
-LAW_METHODS = ("rectified", "vanilla", "lensllm")
-METHODS = ("rectified", "vanilla", "ats", "zeroshot", "subtuning", "modelsize", "lensllm")
-# Minimum measured points per candidate that each method needs.
-MIN_POINTS = {"rectified": 4, "vanilla": 4, "lensllm": 3, "ats": 2, "subtuning": 1, "zeroshot": 0, "modelsize": 0}
+LAW_METHODS = tuple(predictors.LAW_METHODS)
+METHODS = PREDICTORS + ("zeroshot", "subtuning", "modelsize")
+# Minimum measured points per candidate that each method needs (laws: counting the zero-shot point).
+MIN_POINTS = {"rectified": 4, "vanilla": 4, "lensllm": 3, "rectified_nofloor": 3, "lensllm_nofloor": 2,
+              "rectified_joint": 4, "rectified_nofloor_joint": 3, "ats": 2, "local": 2, "subtuning": 1,
+              "zeroshot": 0, "modelsize": 0}
+# The CLI's default: chosen by leave-one-dataset-out validation on the shipped curves
+# (scripts/choose_default_method.py; the result table is in the README).
+DEFAULT_METHOD = "ensemble"
+# Model-error coefficient of the intervals, calibrated on the shipped curves by the same script.
+DEFAULT_MODEL_ERROR = 0.02
+DEFAULT_EPS = 0.05
 
 
 class SelectionError(ValueError):
@@ -90,6 +100,24 @@ class Selection:
     metrics: dict | None = None
     fit: CurveFit | None = None
     n_points: np.ndarray | None = None  # [N] points each prediction used
+    bootstrap: Bootstrap | None = None  # replicate predictions at the target (n_boot > 0)
+    eps: float = DEFAULT_EPS
+    model_error: float | None = None
+    ensemble_weight: float | None = None  # weight of the long-range law (method "ensemble")
+    settings: dict | None = None
+
+    @property
+    def interval(self) -> np.ndarray | None:
+        """[N, 2] prediction interval at ``bootstrap.level``, or None without a bootstrap."""
+        return None if self.bootstrap is None else self.bootstrap.interval()
+
+    @property
+    def p_best(self) -> np.ndarray | None:
+        return None if self.bootstrap is None else self.bootstrap.p_best()
+
+    @property
+    def p_within(self) -> np.ndarray | None:
+        return None if self.bootstrap is None else self.bootstrap.p_within(self.eps)
 
     @property
     def ranking(self) -> list[str]:
@@ -123,6 +151,21 @@ class Selection:
         if self.true is not None:
             out["true"] = {m: (float(t) if np.isfinite(t) else None) for m, t in zip(self.models, self.true)}
             out["rmse"] = self.rmse()
+        if self.settings is not None:
+            out["settings"] = self.settings
+        if self.ensemble_weight is not None:
+            out["ensemble_weight"] = self.ensemble_weight
+        if self.bootstrap is not None:
+            iv, pb, pw = self.interval, self.p_best, self.p_within
+            out["level"] = self.bootstrap.level
+            out["n_boot"] = int(self.bootstrap.draws.shape[1])
+            out["model_error"] = self.model_error
+            out["interval"] = {m: [float(iv[i, 0]), float(iv[i, 1])] for i, m in enumerate(self.models)}
+            out["p_best"] = {m: float(pb[i]) for i, m in enumerate(self.models)}
+            out["eps"] = self.eps
+            out["p_within"] = {m: float(pw[i]) for i, m in enumerate(self.models)}
+            best = int(np.argmin(self.predicted))
+            out["p_selected_within_eps"] = float(pw[best])
         if self.fit is not None:
             out["params"] = {
                 m: {k: float(v[i]) for k, v in self.fit.params.items()} | {"log_mse": float(self.fit.objective[i])}
@@ -131,65 +174,37 @@ class Selection:
         return out
 
 
+def _method_settings(method: str, st: Settings) -> dict | None:
+    """The settings ``method`` reads, for the JSON record."""
+    fit = dict(n_starts=st.n_starts, seed=st.seed, solver=st.solver, max_steps=st.max_steps)
+    if method == "ats":
+        return dict(k=st.ats_k, delta=st.ats_delta, include_smallest=st.ats_include_smallest)
+    if method == "local":
+        return dict(k=st.local_k)
+    if method == "ensemble":
+        out = dict(short=st.ens_short, long=st.ens_long, r0=st.ens_r0, r1=st.ens_r1) | fit
+        out |= dict(k=st.ens_k, delta=st.ens_delta) if st.ens_short == "ats" else dict(k=st.local_k)
+        return out
+    if method.endswith("_joint"):
+        return dict(tied=list(st.tied), tau_scale=st.tau_scale, tau_floor=st.tau_floor) | fit
+    if method in LAW_METHODS:
+        return fit
+    return None
+
+
 def _num(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-# ------------------------------------------------------------------------------------------ AtS
-def _ols(x, y, w):
-    """Row-wise weighted least-squares line (w is a 0/1 mask): slope, intercept."""
-    cnt = w.sum(axis=1)
-    xm = (w * x).sum(axis=1) / cnt
-    ym = (w * y).sum(axis=1) / cnt
-    dx = np.where(w > 0, x - xm[:, None], 0.0)
-    dy = np.where(w > 0, y - ym[:, None], 0.0)
-    slope = (dx * dy).sum(axis=1) / (dx * dx).sum(axis=1)
-    return slope, ym - slope * xm
-
-
-def ats_predict(sizes, loss, target_size, *, k: int = 3, delta: float = 5.0,
-                include_smallest: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Accept-then-Stop for every curve at once.
-
-    ``sizes`` [M] (all > 0, increasing), ``loss`` [N, M] with NaN for missing. Returns the
-    prediction at ``target_size`` [N] and the number of points used [N]. Vectorised over curves;
-    the only loop is over window lengths (at most M).
-    """
-    sizes = np.asarray(sizes, np.float64)
-    loss = np.asarray(loss, np.float64)
-    n_rows, m = loss.shape
-    valid = np.isfinite(loss)
-    n = valid.sum(axis=1)
-    # Right-align each curve's measured points (smallest first), so "the last p points" is a slice.
-    order = np.argsort(valid, axis=1, kind="stable")
-    x = np.take_along_axis(np.broadcast_to(np.log(sizes), loss.shape), order, axis=1)
-    y = np.take_along_axis(np.log(np.where(valid, loss, 1.0)), order, axis=1)
-    chosen = np.where(n <= k, n, n - 1 + int(include_smallest))
-    stopped = n <= k
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for p in range(k, m):
-            active = (~stopped) & (p < n)
-            if not active.any():
-                break
-            w = np.zeros((n_rows, m))
-            w[:, m - p:] = 1.0
-            slope, icpt = _ols(x, y, w)
-            resid = np.where(w > 0, y - (icpt[:, None] + slope[:, None] * x), 0.0)
-            mean_r = resid.sum(axis=1) / p
-            std = np.sqrt((np.where(w > 0, resid - mean_r[:, None], 0.0) ** 2).sum(axis=1) / p)
-            t = m - p - 1
-            z = np.abs(y[:, t] - (icpt + slope * x[:, t])) / std
-            hit = active & (z > delta)
-            chosen = np.where(hit, p, chosen)
-            stopped |= hit
-        w = (np.arange(m)[None, :] >= (m - chosen)[:, None]).astype(np.float64)
-        slope, icpt = _ols(x, y, w)
-    return np.exp(icpt + slope * np.log(target_size)), chosen
-
-
 # ------------------------------------------------------------------------------------ selection
-def _require_points(curves: Curves, mask: np.ndarray, method: str, protocol: Protocol):
-    need = MIN_POINTS[method]
+def _slice_fit(fit, sl):
+    return CurveFit(law=fit.law, theta=fit.theta[sl], params={k: v[sl] for k, v in fit.params.items()},
+                    objective=fit.objective[sl], converged=fit.converged[sl], steps=fit.steps[sl],
+                    start_objective=fit.start_objective[sl])
+
+
+def _require_points(curves: Curves, mask: np.ndarray, method: str, protocol: Protocol, need: int | None = None):
+    need = MIN_POINTS[method] if need is None else max(need, MIN_POINTS.get(method, 0))
     have = mask.sum(axis=1)
     bad = [f"{curves.models[i]} ({have[i]})" for i in np.flatnonzero(have < need)]
     if bad:
@@ -224,28 +239,50 @@ def _f_matrix(curves: Curves, F, F_target, target_size):
 
 def select_many(
     curves: Curves,
-    method: str = "rectified",
+    method: str = DEFAULT_METHOD,
     ratios: Sequence[float] | None = RATIOS,
     *,
     budgets: Sequence[float] | None = None,
     target_size: float = TARGET_SIZE,
     base: float = BASE_SIZE,
-    ats_k: int = 3,
-    ats_delta: float = 5.0,
-    ats_include_smallest: bool = False,
+    settings: Settings | None = None,
+    ats_k: int | None = None,
+    ats_delta: float | None = None,
+    ats_include_smallest: bool | None = None,
+    n_starts: int | None = None,
+    seed: int | None = None,
+    solver: str | None = None,
+    max_steps: int | None = None,
     F=None,
     F_target=None,
-    n_starts: int = 8,
-    seed: int = 0,
-    solver: str = "lm",
-    max_steps: int = 400,
+    n_boot: int = 0,
+    level: float = 0.95,
+    eps: float = DEFAULT_EPS,
+    model_error: float = DEFAULT_MODEL_ERROR,
     mesh=None,
     tokens_per_sample: int = cost_mod.DEFAULT_TOKENS_PER_SAMPLE,
     epochs: float = 1.0,
 ) -> list[Selection]:
-    """One :class:`Selection` per ratio (or budget). Law fits for all budgets run as one batch."""
+    """One :class:`Selection` per ratio (or budget). All budgets run as one batch of rows.
+
+    ``settings`` holds every method's settings (:class:`~lensjax.selection.predictors.Settings`);
+    the keyword shortcuts (``ats_k``, ``n_starts``, ...) override it. ``n_boot`` > 0 adds a
+    bootstrap (:mod:`.uncertainty`) to methods that predict the loss at the target: intervals at
+    ``level``, P(best) and P(within ``eps`` of the best), with the model-error coefficient
+    ``model_error`` (0: measurement noise only).
+    """
     if method not in METHODS:
         raise SelectionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    st = settings or Settings()
+    over = dict(ats_k=ats_k, ats_delta=ats_delta, ats_include_smallest=ats_include_smallest, n_starts=n_starts,
+                seed=seed, solver=solver, max_steps=max_steps)
+    st = dataclasses.replace(st, **{k: v for k, v in over.items() if v is not None})
+    try:
+        st.validate()
+    except ValueError as exc:
+        raise SelectionError(str(exc)) from None
+    if not 0 < level < 1:
+        raise SelectionError(f"level must be in (0, 1); got {level}")
     if budgets is not None:
         protocols = [Protocol(target_size=target_size, ratio=None, budget=b, base=base) for b in budgets]
     else:
@@ -253,53 +290,61 @@ def select_many(
             raise SelectionError("give at least one ratio or budget")
         protocols = [Protocol(target_size=target_size, ratio=r, base=base) for r in ratios]
     n, m = curves.loss.shape
+    n_pr = len(protocols)
     sizes = curves.sizes
     true = curves.column(target_size)
     measured = np.isfinite(curves.loss)
 
-    preds, convs, used_sizes, fits, npts = [], [], [], [None] * len(protocols), []
-    if method in LAW_METHODS:
-        law = LAWS[method]
+    preds, convs, used_sizes, fits, npts = [], [], [], [None] * n_pr, []
+    boots, weights = [None] * n_pr, [None] * n_pr
+    if method in PREDICTORS:
+        law = predictors.law_of(method, st)
         f_cols = f_target = None
-        if method == "lensllm":
+        if law is not None and LAWS[law].uses_extra:
             f_cols, f_target = _f_matrix(curves, F, F_target, target_size)
-        masks = []
         for pr in protocols:
             in_ladder = np.isin(sizes, pr.ladder(sizes))
-            cols = in_ladder | ((sizes == 0) & law.allows_zero)
-            mask = measured & cols[None, :]
-            _require_points(curves, mask, method, pr)
-            masks.append(mask)
+            lad = measured & in_ladder[None, :]
+            if method in ("ats", "local", "ensemble"):
+                _require_points(curves, lad, "ats" if method == "ensemble" else method, pr)
+            if law is not None:
+                fm = lad | (measured & ((sizes == 0) & LAWS[law].allows_zero)[None, :])
+                _require_points(curves, fm, method if method in MIN_POINTS else law, pr, need=MIN_POINTS.get(law))
             used_sizes.append(pr.ladder(sizes))
-        big_mask = np.concatenate(masks, axis=0)
-        d = np.broadcast_to(sizes, big_mask.shape)
-        loss = np.tile(curves.loss, (len(protocols), 1))
-        extra = None if f_cols is None else np.tile(f_cols, (len(protocols), 1))
-        fit = fit_curves(law, d, loss, big_mask, extra, n_starts=n_starts, seed=seed, solver=solver,
-                         max_steps=max_steps, mesh=mesh)
-        extra_t = None if f_target is None else np.tile(f_target, len(protocols))[:, None]
-        pred_all = fit.predict(np.full((fit.theta.shape[0], 1), target_size), extra_t)[:, 0]
-        for i in range(len(protocols)):
+        budget = np.repeat([pr.budget_size for pr in protocols], n)
+        loss = np.tile(curves.loss, (n_pr, 1))
+        group = np.repeat(np.arange(n_pr), n)
+        extra = None if f_cols is None else np.tile(f_cols, (n_pr, 1))
+        extra_t = None if f_target is None else np.tile(f_target, n_pr)
+        try:
+            rp = predictors.predict_rows(method, sizes, loss, budget, target_size, base=base, st=st, group=group,
+                                         extra=extra, extra_target=extra_t)
+        except ValueError as exc:
+            raise SelectionError(str(exc)) from None
+        rb = None
+        if n_boot:
+            try:
+                rb = bootstrap_rows(method, sizes, loss, budget, target_size, base=base, st=st, point=rp,
+                                    group=group, extra=extra, extra_target=extra_t, n_boot=n_boot, seed=st.seed)
+            except ValueError as exc:
+                raise SelectionError(str(exc)) from None
+            draws = rb.draws(model_error)
+        for i in range(n_pr):
             sl = slice(i * n, (i + 1) * n)
-            fits[i] = CurveFit(
-                law=fit.law, theta=fit.theta[sl], params={k: v[sl] for k, v in fit.params.items()},
-                objective=fit.objective[sl], converged=fit.converged[sl], steps=fit.steps[sl],
-                start_objective=fit.start_objective[sl],
-            )
-            preds.append(pred_all[sl])
-            convs.append(fit.converged[sl])
-            npts.append(masks[i].sum(axis=1))
+            preds.append(rp.pred[sl])
+            convs.append(rp.converged[sl])
+            npts.append(rp.n_points[sl])
+            if rp.fit is not None:
+                fits[i] = _slice_fit(rp.fit, sl)
+            if rp.weight is not None:
+                weights[i] = float(rp.weight[sl][0])
+            if rb is not None:
+                boots[i] = Bootstrap(draws=draws[sl], level=level)
     else:
         for pr in protocols:
             ladder = pr.ladder(sizes)
             in_ladder = np.isin(sizes, ladder)
-            if method == "ats":
-                mask = measured & in_ladder[None, :]
-                _require_points(curves, mask, method, pr)
-                pred, cnt = ats_predict(sizes[in_ladder], curves.loss[:, in_ladder], target_size,
-                                        k=ats_k, delta=ats_delta, include_smallest=ats_include_smallest)
-                used = ladder
-            elif method == "subtuning":
+            if method == "subtuning":
                 mask = measured & in_ladder[None, :]
                 _require_points(curves, mask, method, pr)
                 last = m - 1 - np.argmax(mask[:, ::-1], axis=1)  # largest measured in-budget size
@@ -344,7 +389,9 @@ def select_many(
             cost=cost_mod.selection_cost(params, used_sizes[i], target_size,
                                          tokens_per_sample=tokens_per_sample, epochs=epochs),
             true=None if true is None else true.copy(), metrics=metrics, fit=fits[i],
-            n_points=np.asarray(npts[i]),
+            n_points=np.asarray(npts[i]), bootstrap=boots[i], eps=eps,
+            model_error=model_error if boots[i] is not None else None, ensemble_weight=weights[i],
+            settings=_method_settings(method, st),
         ))
     return out
 

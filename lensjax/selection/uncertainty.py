@@ -1,5 +1,19 @@
 """Prediction intervals and selection probabilities by a residual bootstrap, batched.
 
+:func:`bootstrap_rows` serves every predictor of :mod:`.predictors`. Each row (a curve under one
+budget) is smoothed by a law (the method's own law, or the no-floor rectified law for AtS and the
+local power law), its log-residuals are resampled (with replacement, inflated by
+sqrt(m/(m − p))) onto the smooth curve, and the *whole method* is rerun on all K × B replicate
+rows in one batched call (joint laws tie the candidates of each replicate, never across
+replicates). The replicate predictions are re-centred on the method's own prediction (in log
+space: the bootstrap supplies the spread, not the centre, which for a local method differs from
+the smoother's). Noise in the measured points is then the only error the draws know; the error of
+the law itself, which dominates far extrapolation, is added as a log-normal term whose s.d. grows
+with the extrapolation distance: ``model_error · ln(target / budget)`` (its coefficient is
+calibrated on the shipped curves; see ``scripts/choose_default_method.py``).
+
+The older :func:`residual_bootstrap` bootstraps one law fit alone, without the model-error term.
+
 For a law fitted to N curves, replicate b of curve n keeps the fitted curve and adds residuals
 resampled (with replacement) from that curve's own log-residuals, inflated by sqrt(m/(m − p)) for
 m points and p parameters (fitted residuals are smaller than the noise). All N × B refits run in
@@ -19,7 +33,8 @@ import jax
 import numpy as np
 
 from lensjax.kernels import lsq
-from lensjax.selection.fit import CurveFit
+from lensjax.selection.fit import CurveFit, fit_curves
+from lensjax.selection.laws import LAWS
 
 
 @dataclasses.dataclass
@@ -69,3 +84,74 @@ def residual_bootstrap(fit: CurveFit, d, loss, mask, target_size: float, *, extr
         dt = np.full((n, n_boot, 1), float(target_size))
         draws = np.exp(np.asarray(jax.vmap(jax.vmap(law.log_predict))(theta, dt, et)))[..., 0]
     return Bootstrap(draws=draws, level=level)
+
+
+@dataclasses.dataclass
+class RowBootstrap:
+    """Replicate predictions of K rows: ``log_noise`` [K, B] (re-centred log draws), ``z`` [K, B]
+    standard normal draws for the model-error term, ``log_dist`` [K] = ln(target / budget)."""
+
+    log_noise: np.ndarray
+    z: np.ndarray
+    log_dist: np.ndarray
+    n_failed: int = 0  # replicate fits that gave no finite prediction (dropped from quantiles)
+
+    def draws(self, model_error: float) -> np.ndarray:
+        """[K, B] loss draws with the model-error s.d. ``model_error · ln(target/budget)``."""
+        return np.exp(self.log_noise + model_error * self.log_dist[:, None] * self.z)
+
+
+def bootstrap_rows(method: str, sizes, loss, budget, target: float, *, base: float, st, point, group=None,
+                   extra=None, extra_target=None, n_boot: int = 200, seed: int = 0) -> RowBootstrap:
+    """Residual-bootstrap ``method`` on K rows (see the module docstring); ``point`` is the
+    :class:`~lensjax.selection.predictors.RowPrediction` of the method on the measured rows."""
+    from lensjax.selection import predictors as P
+
+    sizes = np.asarray(sizes, np.float64)
+    loss = np.asarray(loss, np.float64)
+    budget = np.asarray(budget, np.float64)
+    k_rows, m = loss.shape
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2; got {n_boot}")
+    if group is None:
+        group = np.unique(budget, return_inverse=True)[1]
+    law_name = P.law_of(method, st) or "rectified_nofloor"
+    law = LAWS[law_name]
+    mask = P.fit_mask(law_name, sizes, loss, budget, base)
+    d = np.broadcast_to(sizes, loss.shape)
+    ex = None if extra is None else np.broadcast_to(np.asarray(extra, np.float64), loss.shape)
+    smooth = point.fit if point.fit is not None and point.fit.law.name == law_name else None
+    if smooth is None:
+        few = np.flatnonzero(mask.sum(axis=1) < law.n_params)
+        if few.size:
+            raise ValueError(f"intervals smooth each curve with the {law_name} law, which needs {law.n_params} "
+                             f"points; rows {few.tolist()} have fewer (use n_boot=0 for no intervals)")
+        smooth = fit_curves(law_name, d, loss, mask, ex, n_starts=st.n_starts, seed=st.seed, solver=st.solver,
+                            max_steps=st.max_steps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_hat = np.log(smooth.predict(d, ex))
+        resid = np.where(mask, np.log(np.where(mask, loss, 1.0)) - log_hat, 0.0)
+    cnt = mask.sum(axis=1)
+    resid *= np.sqrt(cnt / np.maximum(cnt - law.n_params, 1))[:, None]
+    rng = np.random.default_rng(seed)
+    # Index of a resampled valid point of the same row, for every (row, replicate, point).
+    order = np.argsort(~mask, axis=1, kind="stable")  # valid points first
+    u = rng.random((k_rows, n_boot, m))
+    pick = np.take_along_axis(order[:, None, :].repeat(n_boot, 1),
+                              np.floor(u * np.maximum(cnt, 1)[:, None, None]).astype(int), axis=2)
+    e = np.take_along_axis(np.broadcast_to(resid[:, None, :], (k_rows, n_boot, m)), pick, axis=2)
+    y_star = np.where(mask[:, None, :], np.exp(log_hat[:, None, :] + e), np.nan).reshape(k_rows * n_boot, m)
+    rep = lambda a: None if a is None else np.repeat(np.asarray(a), n_boot, axis=0)  # noqa: E731
+    groups = (np.asarray(group)[:, None] * n_boot + np.arange(n_boot)[None, :]).reshape(-1)
+    theta0 = None if point.fit is None else rep(point.fit.theta)
+    rp = P.predict_rows(method, sizes, y_star, rep(budget), target, base=base, st=st, group=groups,
+                        extra=rep(ex), extra_target=rep(extra_target), theta0=theta0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logd = np.log(rp.pred.reshape(k_rows, n_boot))
+    bad = ~np.isfinite(logd)
+    logd = np.where(bad, np.nan, logd)
+    logd += (np.log(point.pred) - np.nanmedian(logd, axis=1))[:, None]
+    # A failed replicate (no finite prediction) is replaced by the point prediction: rare, counted.
+    logd = np.where(bad, np.log(point.pred)[:, None], logd)
+    z = rng.standard_normal((k_rows, n_boot))
+    return RowBootstrap(log_noise=logd, z=z, log_dist=np.log(target / budget), n_failed=int(bad.sum()))
