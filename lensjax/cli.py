@@ -20,7 +20,8 @@ console = Console()
 if not console.is_terminal:  # pipes and CI: do not squeeze tables into 80 columns
     console = Console(width=140)
 
-DEFAULT_METHOD = "rectified"
+DEFAULT_METHOD = selectors.DEFAULT_METHOD
+_ST = selectors.Settings()
 
 
 @app.callback()
@@ -44,6 +45,11 @@ def _ranking_table(sel: selectors.Selection) -> Table:
     t.add_column("rank", justify="right")
     t.add_column("model")
     t.add_column("predicted" if sel.predicts_loss else "score (−log size)", justify="right")
+    iv, pb, pw = sel.interval, sel.p_best, sel.p_within
+    if iv is not None:
+        t.add_column(f"{100 * sel.bootstrap.level:g}% interval", justify="right")
+        t.add_column("P(best)", justify="right")
+        t.add_column(f"P(≤ best+{sel.eps:g})", justify="right")
     if sel.true is not None:
         t.add_column("true loss", justify="right")
     if sel.fit is not None:
@@ -51,6 +57,8 @@ def _ranking_table(sel: selectors.Selection) -> Table:
     order = np.argsort(sel.predicted, kind="stable")
     for r, i in enumerate(order, start=1):
         row = [str(r), sel.models[i], _fmt(float(sel.predicted[i]))]
+        if iv is not None:
+            row += [f"{iv[i, 0]:.3f} – {iv[i, 1]:.3f}", f"{pb[i]:.2f}", f"{pw[i]:.2f}"]
         if sel.true is not None:
             row.append(_fmt(float(sel.true[i])))
         if sel.fit is not None:
@@ -68,6 +76,10 @@ def _metrics_line(sel: selectors.Selection) -> str:
                      f"top-1 {m['top1']:.0f} top-3 {m['top3']:.0f}")
     if sel.rmse() is not None:
         parts.append(f"RMSE at target {sel.rmse():.3f}")
+    if sel.bootstrap is not None:
+        best = int(np.argmin(sel.predicted))
+        parts.append(f"P(selected is best) {sel.p_best[best]:.2f}, P(selected within {sel.eps:g} of best) "
+                     f"{sel.p_within[best]:.2f}")
     parts.append(f"cost {100 * sel.cost['cost_fraction']:.2f}% of full fine-tuning "
                  f"({sel.cost['flops']:.3g} FLOPs)")
     nc = int((~sel.converged).sum())
@@ -78,13 +90,20 @@ def _metrics_line(sel: selectors.Selection) -> str:
 
 def _summary_table(sels: list[selectors.Selection]) -> Table:
     t = Table(title=f"{sels[0].method}: all ratios")
-    for col in ("ratio", "budget", "selected", "Pearson", "RelAcc", "Spearman", "Kendall", "RMSE", "cost", "not conv."):
+    boot = sels[0].bootstrap is not None
+    cols = ["ratio", "budget", "selected"]
+    if boot:
+        cols += [f"{100 * sels[0].bootstrap.level:g}% interval", "P(best)", f"P(≤ best+{sels[0].eps:g})"]
+    for col in cols + ["Pearson", "RelAcc", "Spearman", "Kendall", "RMSE", "cost", "not conv."]:
         t.add_column(col, justify="left" if col == "selected" else "right")
     for s in sels:
         m = s.metrics or {}
         pct = lambda k: _fmt(100 * m[k], 1) if k in m else "—"  # noqa: E731
-        t.add_row(f"1/{s.protocol.ratio_value:g}", f"{s.protocol.budget_size:,.0f}", s.ranking[0],
-                  pct("pearson"), pct("relacc"), pct("spearman"), pct("kendall"), _fmt(s.rmse()),
+        row = [f"1/{s.protocol.ratio_value:g}", f"{s.protocol.budget_size:,.0f}", s.ranking[0]]
+        if boot:
+            i = int(np.argmin(s.predicted))
+            row += [f"{s.interval[i, 0]:.3f} – {s.interval[i, 1]:.3f}", f"{s.p_best[i]:.2f}", f"{s.p_within[i]:.2f}"]
+        t.add_row(*row, pct("pearson"), pct("relacc"), pct("spearman"), pct("kendall"), _fmt(s.rmse()),
                   f"{100 * s.cost['cost_fraction']:.2f}%", str(int((~s.converged).sum())))
     return t
 
@@ -100,7 +119,7 @@ def _load(curves: Optional[str]):
 @app.command("select")
 def select_cmd(
     curves: Optional[str] = typer.Option(None, help="Curves CSV (default: the embedded FLAN curves; 'flan' or 'gigaword' name the embedded sets)."),
-    method: Optional[str] = typer.Option(None, help=f"One of: {', '.join(selectors.METHODS)} (default {DEFAULT_METHOD}; lensllm with --models)."),
+    method: Optional[str] = typer.Option(None, help=f"One of: {', '.join(selectors.METHODS)} (default {DEFAULT_METHOD}; lensllm with --models). See the README's method list."),
     ratio: Optional[List[float]] = typer.Option(None, help="Budget ratio target/budget (repeatable; default 8)."),
     all_ratios: bool = typer.Option(False, "--all-ratios", help="Every ratio 8, 16, ..., 512."),
     budget: Optional[List[float]] = typer.Option(None, help="Data budget in samples (repeatable; overrides --ratio)."),
@@ -109,6 +128,20 @@ def select_cmd(
     ats_k: int = typer.Option(3, help="AtS: smallest window."),
     ats_delta: float = typer.Option(5.0, help="AtS: standardised-residual threshold."),
     ats_include_smallest: bool = typer.Option(False, help="AtS: allow the smallest ladder point (the published method never uses it)."),
+    local_k: int = typer.Option(3, help="local: power law through the last k ladder points (<= 0: all)."),
+    tied: str = typer.Option("beta", help="*_joint methods: comma-separated law parameters tied across candidates by an empirical-Bayes prior."),
+    tau_scale: float = typer.Option(1.0, help="*_joint methods: multiply the estimated prior variance (< 1: stronger pooling)."),
+    ens_short: str = typer.Option(_ST.ens_short, help="ensemble: short-range part, ats or local."),
+    ens_k: int = typer.Option(_ST.ens_k, help="ensemble: AtS smallest window of the short-range part."),
+    ens_delta: float = typer.Option(_ST.ens_delta, help="ensemble: AtS threshold of the short-range part."),
+    ens_long: str = typer.Option(_ST.ens_long, help="ensemble: long-range law method."),
+    ens_r0: float = typer.Option(_ST.ens_r0, help="ensemble: ratio target/budget at which the long-range weight starts to grow from 0."),
+    ens_r1: float = typer.Option(_ST.ens_r1, help="ensemble: ratio at which the long-range weight reaches 1."),
+    n_boot: int = typer.Option(200, help="Bootstrap replicates for intervals and P(best) (0: none)."),
+    level: float = typer.Option(0.95, help="Interval level."),
+    eps: float = typer.Option(selectors.DEFAULT_EPS, help="P(within eps of the best): eps in loss units."),
+    model_error: Optional[float] = typer.Option(None, help=f"Model-error coefficient κ of the intervals (0: measurement noise only). ensemble: s.d. κ × RMS disagreement of its short- and long-range parts (default {selectors.DEFAULT_SPREAD_ERROR}); other methods: s.d. κ·ln(target/budget) (default {selectors.DEFAULT_MODEL_ERROR})."),
+    model_error_corr: float = typer.Option(selectors.DEFAULT_MODEL_ERROR_CORR, help="Fraction of the model-error variance shared by all candidates of a budget (affects P(best), not the intervals)."),
     starts: int = typer.Option(8, help="Multi-start count per fit."),
     seed: int = typer.Option(0, help="Seed of the multi-start."),
     solver: str = typer.Option("lm", help="Fitting solver: lm (Levenberg–Marquardt) or lbfgs (Optax L-BFGS)."),
@@ -142,10 +175,14 @@ def select_cmd(
             ratios = list(selectors.RATIOS)
         else:
             ratios = ratio or [8]
+        st = selectors.Settings(
+            ats_k=ats_k, ats_delta=ats_delta, ats_include_smallest=ats_include_smallest, local_k=local_k,
+            tied=tuple(t.strip() for t in tied.split(",") if t.strip()), tau_scale=tau_scale, ens_short=ens_short,
+            ens_k=ens_k, ens_delta=ens_delta, ens_long=ens_long, ens_r0=ens_r0, ens_r1=ens_r1, n_starts=starts,
+            seed=seed, solver=solver, max_steps=max_steps)
         sels = selectors.select_many(
-            data, method, ratios, budgets=budget or None, target_size=target_size, base=base,
-            ats_k=ats_k, ats_delta=ats_delta, ats_include_smallest=ats_include_smallest,
-            n_starts=starts, seed=seed, solver=solver, max_steps=max_steps, tokens_per_sample=tokens_per_sample,
+            data, method, ratios, budgets=budget or None, target_size=target_size, base=base, settings=st,
+            n_boot=n_boot, level=level, eps=eps, model_error=model_error, model_error_corr=model_error_corr, tokens_per_sample=tokens_per_sample,
         )
     except (CurvesError, selectors.SelectionError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")

@@ -55,12 +55,13 @@ class Settings:
     tied: tuple[str, ...] = ("beta",)
     tau_scale: float = 1.0
     tau_floor: float = 1e-2
+    # The ensemble's defaults are the CLI default chosen by scripts/choose_default_method.py.
     ens_short: str = "ats"
     ens_k: int = 3
     ens_delta: float = 3.0
-    ens_long: str = "rectified_nofloor"
-    ens_r0: float = 8.0
-    ens_r1: float = 2048.0
+    ens_long: str = "rectified_nofloor_joint"
+    ens_r0: float = 16.0
+    ens_r1: float = 1024.0
     n_starts: int = 8
     seed: int = 0
     solver: str = "lm"
@@ -87,6 +88,7 @@ class RowPrediction:
     n_points: np.ndarray  # [K] points the prediction used
     fit: CurveFit | None = None  # the law fit (for ``ensemble``: its long-range part)
     weight: np.ndarray | None = None  # [K] ensemble weight of the long-range law
+    disagreement: np.ndarray | None = None  # [K] ensemble: log(short) − log(long) prediction
 
 
 def law_of(method: str, st: Settings) -> str | None:
@@ -187,11 +189,11 @@ def ats_predict(sizes, loss, target_size, *, k: int = 3, delta: float = 5.0,
     return np.exp(icpt + slope * np.log(target_size)), chosen
 
 
-def _law_rows(method, sizes, loss, budget, group, base, st, extra, extra_target, target, theta0):
+def _law_rows(method, sizes, loss, budget, group, base, st, extra, extra_target, target, theta0, mesh=None):
     law, joint = LAW_METHODS[method]
     mask = fit_mask(law, sizes, loss, budget, base)
     d = np.broadcast_to(np.asarray(sizes, np.float64), loss.shape)
-    kw = dict(n_starts=st.n_starts, seed=st.seed, solver=st.solver, max_steps=st.max_steps, theta0=theta0)
+    kw = dict(n_starts=st.n_starts, seed=st.seed, solver=st.solver, max_steps=st.max_steps, theta0=theta0, mesh=mesh)
     if joint:
         fit = fit_curves_joint(law, d, loss, mask, extra, group, tied=st.tied, tau_scale=st.tau_scale,
                                tau_floor=st.tau_floor, **kw)
@@ -203,12 +205,13 @@ def _law_rows(method, sizes, loss, budget, group, base, st, extra, extra_target,
 
 
 def predict_rows(method: str, sizes, loss, budget, target: float, *, base: float, st: Settings, group=None,
-                 extra=None, extra_target=None, theta0=None) -> RowPrediction:
+                 extra=None, extra_target=None, theta0=None, mesh=None) -> RowPrediction:
     """Predict the loss at ``target`` for every row ``loss[k]`` under its own ``budget[k]``.
 
     ``group`` [K]: which rows a joint law ties together (default: rows with the same budget).
     ``extra`` [K, M] / ``extra_target`` [K]: the LensLLM F term. ``theta0`` [K, P]: start the law
     fit there instead of the seeded multi-start (bootstrap refits start at the original fit).
+    ``mesh``: shard the law fits' row axis over ``mesh['candidate']``.
     """
     loss = np.asarray(loss, np.float64)
     budget = np.asarray(budget, np.float64)
@@ -216,7 +219,7 @@ def predict_rows(method: str, sizes, loss, budget, target: float, *, base: float
     if group is None:
         group = np.unique(budget, return_inverse=True)[1]
     if method in LAW_METHODS:
-        return _law_rows(method, sizes, loss, budget, group, base, st, extra, extra_target, target, theta0)
+        return _law_rows(method, sizes, loss, budget, group, base, st, extra, extra_target, target, theta0, mesh)
     if method in LOCAL_METHODS or method == "ensemble":
         short = st.ens_short if method == "ensemble" else method
         pos = sizes > 0
@@ -229,8 +232,9 @@ def predict_rows(method: str, sizes, loss, budget, target: float, *, base: float
             p, cnt = local_predict(sizes[pos], lad, target, st.local_k)
         if method != "ensemble":
             return RowPrediction(pred=p, converged=np.ones(len(p), bool), n_points=np.asarray(cnt))
-        long = _law_rows(st.ens_long, sizes, loss, budget, group, base, st, None, None, target, theta0)
+        long = _law_rows(st.ens_long, sizes, loss, budget, group, base, st, None, None, target, theta0, mesh)
         w = ensemble_weight(budget, target, st)
         pred = np.exp((1.0 - w) * np.log(p) + w * np.log(long.pred))
-        return RowPrediction(pred=pred, converged=long.converged, n_points=long.n_points, fit=long.fit, weight=w)
+        return RowPrediction(pred=pred, converged=long.converged, n_points=long.n_points, fit=long.fit, weight=w,
+                             disagreement=np.log(p) - np.log(long.pred))
     raise ValueError(f"unknown predictor {method!r}; choose one of {', '.join(PREDICTORS)}")

@@ -54,8 +54,12 @@ MIN_POINTS = {"rectified": 4, "vanilla": 4, "lensllm": 3, "rectified_nofloor": 3
 # The CLI's default: chosen by leave-one-dataset-out validation on the shipped curves
 # (scripts/choose_default_method.py; the result table is in the README).
 DEFAULT_METHOD = "ensemble"
-# Model-error coefficient of the intervals, calibrated on the shipped curves by the same script.
-DEFAULT_MODEL_ERROR = 0.02
+# Model-error coefficients of the intervals, calibrated on the shipped curves by the same script:
+# ensemble: s.d. = coefficient × RMS short/long disagreement; other methods: × ln(target/budget).
+DEFAULT_SPREAD_ERROR = 1.0
+DEFAULT_MODEL_ERROR = 0.0275
+# Fraction of the model-error variance common to all candidates of a budget (same script).
+DEFAULT_MODEL_ERROR_CORR = 0.3
 DEFAULT_EPS = 0.05
 
 
@@ -103,6 +107,7 @@ class Selection:
     bootstrap: Bootstrap | None = None  # replicate predictions at the target (n_boot > 0)
     eps: float = DEFAULT_EPS
     model_error: float | None = None
+    model_error_corr: float | None = None
     ensemble_weight: float | None = None  # weight of the long-range law (method "ensemble")
     settings: dict | None = None
 
@@ -160,6 +165,8 @@ class Selection:
             out["level"] = self.bootstrap.level
             out["n_boot"] = int(self.bootstrap.draws.shape[1])
             out["model_error"] = self.model_error
+            out["model_error_scale"] = "spread" if self.method == "ensemble" else "log_ratio"
+            out["model_error_corr"] = self.model_error_corr
             out["interval"] = {m: [float(iv[i, 0]), float(iv[i, 1])] for i, m in enumerate(self.models)}
             out["p_best"] = {m: float(pb[i]) for i, m in enumerate(self.models)}
             out["eps"] = self.eps
@@ -172,6 +179,11 @@ class Selection:
                 for i, m in enumerate(self.models)
             }
         return out
+
+
+def default_model_error(method: str) -> float:
+    """The calibrated model-error coefficient for ``method`` (see :mod:`.uncertainty`)."""
+    return DEFAULT_SPREAD_ERROR if method == "ensemble" else DEFAULT_MODEL_ERROR
 
 
 def _method_settings(method: str, st: Settings) -> dict | None:
@@ -258,7 +270,8 @@ def select_many(
     n_boot: int = 0,
     level: float = 0.95,
     eps: float = DEFAULT_EPS,
-    model_error: float = DEFAULT_MODEL_ERROR,
+    model_error: float | None = None,
+    model_error_corr: float = DEFAULT_MODEL_ERROR_CORR,
     mesh=None,
     tokens_per_sample: int = cost_mod.DEFAULT_TOKENS_PER_SAMPLE,
     epochs: float = 1.0,
@@ -269,7 +282,8 @@ def select_many(
     the keyword shortcuts (``ats_k``, ``n_starts``, ...) override it. ``n_boot`` > 0 adds a
     bootstrap (:mod:`.uncertainty`) to methods that predict the loss at the target: intervals at
     ``level``, P(best) and P(within ``eps`` of the best), with the model-error coefficient
-    ``model_error`` (0: measurement noise only).
+    ``model_error`` (0: measurement noise only; default :func:`default_model_error`) and the
+    fraction ``model_error_corr`` of its variance shared by all candidates of a budget.
     """
     if method not in METHODS:
         raise SelectionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -281,6 +295,9 @@ def select_many(
         st.validate()
     except ValueError as exc:
         raise SelectionError(str(exc)) from None
+    model_error = default_model_error(method) if model_error is None else float(model_error)
+    if not model_error >= 0:
+        raise SelectionError(f"model_error must be >= 0; got {model_error}")
     if not 0 < level < 1:
         raise SelectionError(f"level must be in (0, 1); got {level}")
     if budgets is not None:
@@ -318,17 +335,21 @@ def select_many(
         extra_t = None if f_target is None else np.tile(f_target, n_pr)
         try:
             rp = predictors.predict_rows(method, sizes, loss, budget, target_size, base=base, st=st, group=group,
-                                         extra=extra, extra_target=extra_t)
+                                         extra=extra, extra_target=extra_t, mesh=mesh)
         except ValueError as exc:
             raise SelectionError(str(exc)) from None
         rb = None
         if n_boot:
             try:
                 rb = bootstrap_rows(method, sizes, loss, budget, target_size, base=base, st=st, point=rp,
-                                    group=group, extra=extra, extra_target=extra_t, n_boot=n_boot, seed=st.seed)
+                                    group=group, extra=extra, extra_target=extra_t, n_boot=n_boot, seed=st.seed,
+                                    mesh=mesh)
             except ValueError as exc:
                 raise SelectionError(str(exc)) from None
-            draws = rb.draws(model_error)
+            try:
+                draws = rb.draws(model_error, model_error_corr)
+            except ValueError as exc:
+                raise SelectionError(str(exc)) from None
         for i in range(n_pr):
             sl = slice(i * n, (i + 1) * n)
             preds.append(rp.pred[sl])
@@ -339,7 +360,7 @@ def select_many(
             if rp.weight is not None:
                 weights[i] = float(rp.weight[sl][0])
             if rb is not None:
-                boots[i] = Bootstrap(draws=draws[sl], level=level)
+                boots[i] = Bootstrap(draws=draws[sl], level=level, parts=rb.rows(sl))
     else:
         for pr in protocols:
             ladder = pr.ladder(sizes)
@@ -390,7 +411,8 @@ def select_many(
                                          tokens_per_sample=tokens_per_sample, epochs=epochs),
             true=None if true is None else true.copy(), metrics=metrics, fit=fits[i],
             n_points=np.asarray(npts[i]), bootstrap=boots[i], eps=eps,
-            model_error=model_error if boots[i] is not None else None, ensemble_weight=weights[i],
+            model_error=model_error if boots[i] is not None else None,
+            model_error_corr=model_error_corr if boots[i] is not None else None, ensemble_weight=weights[i],
             settings=_method_settings(method, st),
         ))
     return out

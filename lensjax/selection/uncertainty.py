@@ -8,9 +8,12 @@ rows in one batched call (joint laws tie the candidates of each replicate, never
 replicates). The replicate predictions are re-centred on the method's own prediction (in log
 space: the bootstrap supplies the spread, not the centre, which for a local method differs from
 the smoother's). Noise in the measured points is then the only error the draws know; the error of
-the law itself, which dominates far extrapolation, is added as a log-normal term whose s.d. grows
-with the extrapolation distance: ``model_error · ln(target / budget)`` (its coefficient is
-calibrated on the shipped curves; see ``scripts/choose_default_method.py``).
+the law itself, which dominates far extrapolation, is added as a log-normal term of s.d.
+``model_error · scale``. The scale is, for the ``ensemble`` method, the root-mean-square
+disagreement (in log loss) between its short- and long-range predictions over the candidates of
+the budget (in-budget data only: where two sensible extrapolations disagree, the truth is
+uncertain), and for every other method the extrapolation distance ``ln(target / budget)``. Both
+coefficients are calibrated on the shipped curves by ``scripts/choose_default_method.py``.
 
 The older :func:`residual_bootstrap` bootstraps one law fit alone, without the model-error term.
 
@@ -41,6 +44,13 @@ from lensjax.selection.laws import LAWS
 class Bootstrap:
     draws: np.ndarray  # [N, B] predicted loss at the target per replicate
     level: float
+    parts: "RowBootstrap | None" = None  # the noise draws and model-error normals behind ``draws``
+
+    def with_model_error(self, model_error: float, corr: float = 0.0) -> "Bootstrap":
+        """The same replicates with another model-error coefficient (needs ``parts``)."""
+        if self.parts is None:
+            raise ValueError("this bootstrap has no parts to recombine")
+        return Bootstrap(draws=self.parts.draws(model_error, corr), level=self.level, parts=self.parts)
 
     def interval(self, level: float | None = None) -> np.ndarray:
         a = 1.0 - (self.level if level is None else level)
@@ -88,23 +98,37 @@ def residual_bootstrap(fit: CurveFit, d, loss, mask, target_size: float, *, extr
 
 @dataclasses.dataclass
 class RowBootstrap:
-    """Replicate predictions of K rows: ``log_noise`` [K, B] (re-centred log draws), ``z`` [K, B]
-    standard normal draws for the model-error term, ``log_dist`` [K] = ln(target / budget)."""
+    """Replicate predictions of K rows: ``log_noise`` [K, B] (re-centred log draws); standard
+    normal draws for the model-error term, ``z`` [K, B] per row and ``z_common`` [K, B] shared by
+    the rows of one group (the candidates of one budget); ``scale`` [K], the model-error s.d. per
+    unit coefficient (see the module docstring)."""
 
     log_noise: np.ndarray
     z: np.ndarray
-    log_dist: np.ndarray
-    n_failed: int = 0  # replicate fits that gave no finite prediction (dropped from quantiles)
+    z_common: np.ndarray
+    scale: np.ndarray
+    n_failed: int = 0  # replicate fits that gave no finite prediction (replaced by the point prediction)
 
-    def draws(self, model_error: float) -> np.ndarray:
-        """[K, B] loss draws with the model-error s.d. ``model_error · ln(target/budget)``."""
-        return np.exp(self.log_noise + model_error * self.log_dist[:, None] * self.z)
+    def draws(self, model_error: float, corr: float = 0.0) -> np.ndarray:
+        """[K, B] loss draws with a model error of s.d. ``model_error · scale`` of which
+        the fraction ``corr`` of the variance is common to all candidates of a budget (a law that
+        errs on a task tends to err the same way for every model: that part moves all predictions
+        together and leaves the ranking alone)."""
+        if not 0.0 <= corr <= 1.0:
+            raise ValueError(f"corr must be in [0, 1]; got {corr}")
+        z = np.sqrt(corr) * self.z_common + np.sqrt(1.0 - corr) * self.z
+        return np.exp(self.log_noise + model_error * self.scale[:, None] * z)
+
+    def rows(self, sl: slice) -> "RowBootstrap":
+        return RowBootstrap(self.log_noise[sl], self.z[sl], self.z_common[sl], self.scale[sl], self.n_failed)
 
 
 def bootstrap_rows(method: str, sizes, loss, budget, target: float, *, base: float, st, point, group=None,
-                   extra=None, extra_target=None, n_boot: int = 200, seed: int = 0) -> RowBootstrap:
+                   extra=None, extra_target=None, n_boot: int = 200, seed: int = 0, mesh=None,
+                   scale=None) -> RowBootstrap:
     """Residual-bootstrap ``method`` on K rows (see the module docstring); ``point`` is the
-    :class:`~lensjax.selection.predictors.RowPrediction` of the method on the measured rows."""
+    :class:`~lensjax.selection.predictors.RowPrediction` of the method on the measured rows;
+    ``scale`` [K]: the model-error unit (default :func:`model_error_scale`)."""
     from lensjax.selection import predictors as P
 
     sizes = np.asarray(sizes, np.float64)
@@ -127,7 +151,7 @@ def bootstrap_rows(method: str, sizes, loss, budget, target: float, *, base: flo
             raise ValueError(f"intervals smooth each curve with the {law_name} law, which needs {law.n_params} "
                              f"points; rows {few.tolist()} have fewer (use n_boot=0 for no intervals)")
         smooth = fit_curves(law_name, d, loss, mask, ex, n_starts=st.n_starts, seed=st.seed, solver=st.solver,
-                            max_steps=st.max_steps)
+                            max_steps=st.max_steps, mesh=mesh)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_hat = np.log(smooth.predict(d, ex))
         resid = np.where(mask, np.log(np.where(mask, loss, 1.0)) - log_hat, 0.0)
@@ -145,7 +169,7 @@ def bootstrap_rows(method: str, sizes, loss, budget, target: float, *, base: flo
     groups = (np.asarray(group)[:, None] * n_boot + np.arange(n_boot)[None, :]).reshape(-1)
     theta0 = None if point.fit is None else rep(point.fit.theta)
     rp = P.predict_rows(method, sizes, y_star, rep(budget), target, base=base, st=st, group=groups,
-                        extra=rep(ex), extra_target=rep(extra_target), theta0=theta0)
+                        extra=rep(ex), extra_target=rep(extra_target), theta0=theta0, mesh=mesh)
     with np.errstate(divide="ignore", invalid="ignore"):
         logd = np.log(rp.pred.reshape(k_rows, n_boot))
     bad = ~np.isfinite(logd)
@@ -154,4 +178,19 @@ def bootstrap_rows(method: str, sizes, loss, budget, target: float, *, base: flo
     # A failed replicate (no finite prediction) is replaced by the point prediction: rare, counted.
     logd = np.where(bad, np.log(point.pred)[:, None], logd)
     z = rng.standard_normal((k_rows, n_boot))
-    return RowBootstrap(log_noise=logd, z=z, log_dist=np.log(target / budget), n_failed=int(bad.sum()))
+    gid = np.unique(np.asarray(group), return_inverse=True)[1]
+    z_common = rng.standard_normal((int(gid.max()) + 1, n_boot))[gid]
+    if scale is None:
+        scale = model_error_scale(method, point, budget, target, group)
+    return RowBootstrap(log_noise=logd, z=z, z_common=z_common, scale=np.asarray(scale, np.float64),
+                        n_failed=int(bad.sum()))
+
+
+def model_error_scale(method: str, point, budget, target: float, group) -> np.ndarray:
+    """[K] model-error s.d. per unit coefficient: for ``ensemble`` the RMS over each group's rows of
+    the short/long disagreement, otherwise ln(target / budget)."""
+    if method == "ensemble" and point.disagreement is not None:
+        gid = np.unique(np.asarray(group), return_inverse=True)[1]
+        ms = np.bincount(gid, weights=point.disagreement ** 2) / np.bincount(gid)
+        return np.sqrt(ms)[gid]
+    return np.log(target / np.asarray(budget, np.float64))
