@@ -18,7 +18,7 @@ from lensjax.selection.curves import EMBEDDED, CurvesError, load_embedded, read_
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLM selection and adaptation in JAX.")
 console = Console()
 if not console.is_terminal:  # pipes and CI: do not squeeze tables into 80 columns
-    console = Console(width=140)
+    console = Console(width=160)
 
 DEFAULT_METHOD = selectors.DEFAULT_METHOD
 _ST = selectors.Settings()
@@ -49,7 +49,7 @@ def _ranking_table(sel: selectors.Selection) -> Table:
     if iv is not None:
         t.add_column(f"{100 * sel.bootstrap.level:g}% interval", justify="right")
         t.add_column("P(best)", justify="right")
-        t.add_column(f"P(≤ best+{sel.eps:g})", justify="right")
+        t.add_column(f"P(≤best+{sel.eps:g})", justify="right")
     if sel.true is not None:
         t.add_column("true loss", justify="right")
     if sel.fit is not None:
@@ -58,7 +58,7 @@ def _ranking_table(sel: selectors.Selection) -> Table:
     for r, i in enumerate(order, start=1):
         row = [str(r), sel.models[i], _fmt(float(sel.predicted[i]))]
         if iv is not None:
-            row += [f"{iv[i, 0]:.3f} – {iv[i, 1]:.3f}", f"{pb[i]:.2f}", f"{pw[i]:.2f}"]
+            row += [f"{iv[i, 0]:.3f}–{iv[i, 1]:.3f}", f"{pb[i]:.2f}", f"{pw[i]:.2f}"]
         if sel.true is not None:
             row.append(_fmt(float(sel.true[i])))
         if sel.fit is not None:
@@ -91,20 +91,24 @@ def _metrics_line(sel: selectors.Selection) -> str:
 def _summary_table(sels: list[selectors.Selection]) -> Table:
     t = Table(title=f"{sels[0].method}: all ratios")
     boot = sels[0].bootstrap is not None
-    cols = ["ratio", "budget", "selected"]
+    cols = ["ratio", "budget", "selected", "predicted"]
     if boot:
-        cols += [f"{100 * sels[0].bootstrap.level:g}% interval", "P(best)", f"P(≤ best+{sels[0].eps:g})"]
-    for col in cols + ["Pearson", "RelAcc", "Spearman", "Kendall", "RMSE", "cost", "not conv."]:
-        t.add_column(col, justify="left" if col == "selected" else "right")
+        cols += [f"{100 * sels[0].bootstrap.level:g}% interval", "P(best)", "P(≤best+ε)"]
+    for col in cols + ["Pearson", "RelAcc", "RMSE", "cost", "unconv."]:
+        t.add_column(col, justify="left" if col == "selected" else "right",
+                     no_wrap=col in ("selected", "P(≤best+ε)", "unconv.") or "interval" in col)
     for s in sels:
         m = s.metrics or {}
         pct = lambda k: _fmt(100 * m[k], 1) if k in m else "—"  # noqa: E731
-        row = [f"1/{s.protocol.ratio_value:g}", f"{s.protocol.budget_size:,.0f}", s.ranking[0]]
+        i = int(np.argmin(s.predicted))
+        row = [f"1/{s.protocol.ratio_value:g}", f"{s.protocol.budget_size:,.0f}", s.ranking[0], _fmt(float(s.predicted[i]))]
         if boot:
-            i = int(np.argmin(s.predicted))
-            row += [f"{s.interval[i, 0]:.3f} – {s.interval[i, 1]:.3f}", f"{s.p_best[i]:.2f}", f"{s.p_within[i]:.2f}"]
-        t.add_row(*row, pct("pearson"), pct("relacc"), pct("spearman"), pct("kendall"), _fmt(s.rmse()),
-                  f"{100 * s.cost['cost_fraction']:.2f}%", str(int((~s.converged).sum())))
+            row += [f"{s.interval[i, 0]:.3f}–{s.interval[i, 1]:.3f}", f"{s.p_best[i]:.2f}", f"{s.p_within[i]:.2f}"]
+        t.add_row(*row, pct("pearson"), pct("relacc"), _fmt(s.rmse()), f"{100 * s.cost['cost_fraction']:.2f}%",
+                  str(int((~s.converged).sum())))
+    if boot:
+        t.caption = (f"interval, P(best), P(≤best+ε): of the selected model; ε = {sels[0].eps:g}; "
+                     f"{sels[0].bootstrap.draws.shape[1]} bootstrap replicates; Spearman and Kendall are in the JSON")
     return t
 
 

@@ -51,12 +51,36 @@ def test_json_schema_single_and_all_ratios(tmp_path):
     assert set(data["metrics"]) >= {"pearson", "relacc", "spearman", "kendall"}
     assert round(100 * data["metrics"]["pearson"], 1) == 73.1  # Table 1, FLAN AtS 1/16
     many = tmp_path / "many.json"
-    res = run("--curves", "gigaword", "--all-ratios", "--json", str(many))
+    res = run("--curves", "gigaword", "--all-ratios", "--method", "rectified", "--n-boot", "0", "--json", str(many))
     assert res.exit_code == 0, res.output
     data = json.loads(many.read_text())
     assert [d["ratio"] for d in data] == [8, 16, 32, 64, 128, 256, 512]
     assert all(d["method"] == "rectified" and len(d["predicted"]) == 30 for d in data)
+    assert all("interval" not in d for d in data)
     assert 0 < data[0]["cost_fraction"] < 0.26
+
+
+def test_all_ratios_json_has_intervals_and_p_best_for_every_model(tmp_path):
+    # The acceptance command of the uncertainty issue, on a curves file: `--curves X --all-ratios --json OUT`.
+    x, out = _write_copy(tmp_path), tmp_path / "out.json"
+    res = run("--curves", str(x), "--all-ratios", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "P(best)" in res.output and "95% interval" in res.output
+    data = json.loads(out.read_text())
+    models = load_embedded("flan").models
+    assert len(data) == 7
+    for d in data:
+        assert d["method"] == "ensemble" and d["level"] == 0.95 and d["n_boot"] == 200
+        assert set(d["interval"]) == set(models) and set(d["p_best"]) == set(models)
+        for m in models:
+            lo, hi = d["interval"][m]
+            assert 0 < lo <= d["predicted"][m] <= hi
+            assert 0 <= d["p_best"][m] <= d["p_within"][m] <= 1
+        assert abs(sum(d["p_best"].values()) - 1) < 1e-9
+        assert 0 <= d["p_selected_within_eps"] <= 1
+    # Intervals widen as the budget shrinks (further extrapolation): median width, 1/512 vs 1/8.
+    width = [sorted(h - lo for lo, h in d["interval"].values())[15] for d in data]
+    assert width[-1] > width[0]
 
 
 def test_plot(tmp_path):
@@ -95,10 +119,14 @@ def test_too_few_points_in_budget(tmp_path):
     def blank(rows):
         for c in range(2, 6):  # sizes 200..1600 missing for one model
             rows[4][c] = ""
-    res = run("--curves", str(_write_copy(tmp_path, blank)), "--ratio", "512")
+    res = run("--curves", str(_write_copy(tmp_path, blank)), "--ratio", "512", "--method", "rectified")
     assert res.exit_code == 2
     text = " ".join(res.output.split())
     assert "needs at least 4 measured points" in text and "cerebras/Cerebras-GPT-111M (2)" in text
+    res = run("--curves", str(_write_copy(tmp_path, blank)), "--ratio", "512")  # the default, ensemble
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "needs at least 2 measured points" in text and "cerebras/Cerebras-GPT-111M (1)" in text
 
 
 def test_unknown_method_and_missing_file(tmp_path):

@@ -138,5 +138,5 @@ def test_fit_input_errors():
     bad = loss.copy(); bad[0, 3] = np.nan
     with pytest.raises(ValueError, match="finite"):
         fit_curves("rectified", d, bad, np.ones_like(d, bool))
-    assert set(LAWS) == {"rectified", "vanilla", "lensllm"}
+    assert set(LAWS) == {"rectified", "vanilla", "lensllm", "rectified_nofloor", "lensllm_nofloor"}
     assert len(RATIOS) == 7

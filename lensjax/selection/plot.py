@@ -20,7 +20,9 @@ from lensjax.selection.selectors import Selection  # noqa: E402
 
 def plot_selection(curves: Curves, sel: Selection, path: str | os.PathLike, cols: int = 5) -> None:
     """One log–log panel per model: measured points (in budget filled, beyond hollow), the fitted
-    law (for law methods) out to the target, the prediction at the target, and the budget line."""
+    law (for law methods; for ``ensemble`` its long-range law, dotted) out to the target, the
+    prediction at the target with its interval (when the selection has a bootstrap), and the
+    budget line."""
     n = len(curves.models)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -38,9 +40,11 @@ def plot_selection(curves: Curves, sel: Selection, path: str | os.PathLike, cols
         ax.loglog(x[inb], y[inb], "o", ms=3, color="C0")
         ax.loglog(x[~inb], y[~inb], "o", ms=3, mfc="none", color="C0")
         if fitted is not None:
-            ax.loglog(grid, fitted[i], "-", color="C1", lw=1)
+            ax.loglog(grid, fitted[i], ":" if sel.method == "ensemble" else "-", color="C1", lw=1)
         if sel.predicts_loss:
             ax.loglog([pr.target_size], [sel.predicted[i]], "x", color="C3")
+        if sel.interval is not None:
+            ax.plot([pr.target_size] * 2, sel.interval[i], "-", color="C3", lw=1)
         ax.axvline(pr.budget_size, color="gray", ls="--", lw=0.8)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
