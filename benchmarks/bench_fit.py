@@ -61,8 +61,8 @@ def joint_section(d, y, mask, repeats):
     """Per-curve vs joint fits of all 420 problems, and the default method's bootstrap."""
     g = groups()
     out = {}
-    print(f"{'joint fits (420 problems)':<44}{'compile+1st s':>14}{'warm s':>10}{'per fit ms':>12}{'conv':>8}")
-    line = "{:<44}{:>14.3f}{:>10.4f}{:>12.4f}{:>8.3f}"
+    print(f"{'joint fits (420 problems)':<52}{'compile+1st s':>14}{'warm s':>10}{'per fit ms':>12}{'conv':>8}")
+    line = "{:<52}{:>14.3f}{:>10.4f}{:>12.4f}{:>8.3f}"
     for law in ("rectified_nofloor", "rectified"):
         m = mask.copy()
         f1, a1, w1 = timed(lambda: fit_curves(law, d, y, m), repeats)

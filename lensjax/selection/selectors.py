@@ -23,6 +23,11 @@ Methods:
   minus sign every method here is "higher correlation with the true loss is better".
 * ``lensllm`` — ``B/(F + D^β) + E`` with F given (per curve or per curve and size; the NTK
   pipeline computes it), fitted on {0} ∪ ladder. Without F it raises.
+* ``rectified_nofloor``, ``lensllm_nofloor``, ``rectified_joint``, ``rectified_nofloor_joint``,
+  ``local`` and ``ensemble`` (the default) — see :mod:`.predictors`.
+
+With ``n_boot > 0`` every method that predicts the loss at the target also gets a bootstrap
+(:mod:`.uncertainty`): an interval per candidate, P(best) and P(within ε of the best).
 """
 
 from __future__ import annotations
