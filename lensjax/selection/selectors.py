@@ -423,7 +423,7 @@ def select_many(
     return out
 
 
-def select(curves: Curves, method: str = "rectified", ratio: float | None = 8, **kw) -> Selection:
+def select(curves: Curves, method: str = DEFAULT_METHOD, ratio: float | None = 8, **kw) -> Selection:
     """One selection at one ratio (or ``budget=``); see :func:`select_many` for the options."""
     budget = kw.pop("budget", None)
     if budget is not None:
