@@ -116,27 +116,6 @@ def ensemble_weight(budget, target, st: Settings) -> np.ndarray:
     return np.clip(np.log(r / st.ens_r0) / np.log(st.ens_r1 / st.ens_r0), 0.0, 1.0)
 
 
-def local_predict(sizes, loss, target, k: int):
-    """Power law through the last ``k`` measured points of every row (all if ``k <= 0``)."""
-    sizes = np.asarray(sizes, np.float64)
-    loss = np.asarray(loss, np.float64)
-    valid = np.isfinite(loss)
-    n = valid.sum(axis=1)
-    order = np.argsort(valid, axis=1, kind="stable")  # right-align the measured points
-    x = np.take_along_axis(np.broadcast_to(np.log(sizes), loss.shape), order, axis=1)
-    y = np.take_along_axis(np.log(np.where(valid, loss, 1.0)), order, axis=1)
-    used = n if k <= 0 else np.minimum(n, k)
-    m = loss.shape[1]
-    w = (np.arange(m)[None, :] >= (m - used)[:, None]).astype(np.float64)
-    cnt = w.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xm = (w * x).sum(axis=1) / cnt
-        ym = (w * y).sum(axis=1) / cnt
-        dx = np.where(w > 0, x - xm[:, None], 0.0)
-        slope = (dx * np.where(w > 0, y - ym[:, None], 0.0)).sum(axis=1) / (dx * dx).sum(axis=1)
-    return np.exp(ym + slope * (np.log(target) - xm)), used
-
-
 # ------------------------------------------------------------------------------------------ AtS
 def _ols(x, y, w):
     """Row-wise weighted least-squares line (w is a 0/1 mask): slope, intercept."""
@@ -147,6 +126,29 @@ def _ols(x, y, w):
     dy = np.where(w > 0, y - ym[:, None], 0.0)
     slope = (dx * dy).sum(axis=1) / (dx * dx).sum(axis=1)
     return slope, ym - slope * xm
+
+
+def _right_aligned(sizes, loss):
+    """log D and log L with each row's measured points moved to the right end (smallest first), so
+    that "the last p points" is a slice; and the count of measured points per row."""
+    valid = np.isfinite(loss)
+    order = np.argsort(valid, axis=1, kind="stable")
+    x = np.take_along_axis(np.broadcast_to(np.log(sizes), loss.shape), order, axis=1)
+    y = np.take_along_axis(np.log(np.where(valid, loss, 1.0)), order, axis=1)
+    return x, y, valid.sum(axis=1)
+
+
+def local_predict(sizes, loss, target, k: int):
+    """Power law through the last ``k`` measured points of every row (all if ``k <= 0``)."""
+    sizes = np.asarray(sizes, np.float64)
+    loss = np.asarray(loss, np.float64)
+    x, y, n = _right_aligned(sizes, loss)
+    used = n if k <= 0 else np.minimum(n, k)
+    m = loss.shape[1]
+    w = (np.arange(m)[None, :] >= (m - used)[:, None]).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope, icpt = _ols(x, y, w)
+    return np.exp(icpt + slope * np.log(target)), used
 
 
 def ats_predict(sizes, loss, target_size, *, k: int = 3, delta: float = 5.0,
@@ -160,12 +162,7 @@ def ats_predict(sizes, loss, target_size, *, k: int = 3, delta: float = 5.0,
     sizes = np.asarray(sizes, np.float64)
     loss = np.asarray(loss, np.float64)
     n_rows, m = loss.shape
-    valid = np.isfinite(loss)
-    n = valid.sum(axis=1)
-    # Right-align each curve's measured points (smallest first), so "the last p points" is a slice.
-    order = np.argsort(valid, axis=1, kind="stable")
-    x = np.take_along_axis(np.broadcast_to(np.log(sizes), loss.shape), order, axis=1)
-    y = np.take_along_axis(np.log(np.where(valid, loss, 1.0)), order, axis=1)
+    x, y, n = _right_aligned(sizes, loss)
     chosen = np.where(n <= k, n, n - 1 + int(include_smallest))
     stopped = n <= k
     with np.errstate(divide="ignore", invalid="ignore"):
