@@ -38,8 +38,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
+
+from _report import Report  # scripts/_report.py (this folder is on sys.path when run as a script)
 
 from lensjax.io import atomic_write
 from lensjax.selection import predictors
@@ -112,8 +112,10 @@ def rmse(logp, true):
 
 
 def criterion(r, s):
+    # Rounded, so that configurations predicting the same numbers (to rounding) tie exactly and the
+    # first in the candidate order wins, whatever the last bits.
     worst = max(r[RATIOS.index(q)] / min(REF[s][q]) for q in REF[s])
-    return (worst, float(np.mean(np.log(r))))
+    return (round(float(worst), 9), round(float(np.mean(np.log(r))), 9))
 
 
 def wins(r, s):
@@ -126,19 +128,8 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--n-boot", type=int, default=200)
     args = ap.parse_args()
-    console = Console(width=220)
-    md: list[str] = []
-
-    def table(title, header, rows):
-        t = Table(title=title)
-        for h in header:
-            t.add_column(h, justify="left" if h == header[0] else "right")
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-        md.extend([f"**{title}**\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
-        md.extend("| " + " | ".join(r) + " |" for r in rows)
-        md.append("")
+    report = Report(width=220)
+    console, table = report.console, report.table
 
     curves = {s: load_embedded(s) for s in SETS}
     true = {s: curves[s].column(TARGET_SIZE) for s in SETS}
@@ -181,7 +172,7 @@ def main():
         rows.append([f"chosen on {other} (LODO): {lodo[s]}"] + cells(score[(lodo[s], s)], s))
         rows.append([f"**default** (chosen on both): {default}"] + cells(score[(default, s)], s))
         table(f"RMSE at 1,638,400 on {s}: methods × ratios", ["method"] + ratios, rows)
-    md.append("✓ / ✗: lower / not lower than both reference figures (rectified and AtS) at that ratio. "
+    report.note("✓ / ✗: lower / not lower than both reference figures (rectified and AtS) at that ratio. "
               "Reference cells won by the default: " + ", ".join(f"{s} {wins(score[(default, s)], s)}/3" for s in SETS)
               + "; by the LODO choice: " + ", ".join(f"{s} {wins(score[(lodo[s], s)], s)}/3" for s in SETS)
               + ". For comparison, the better single reference, AtS, is the lower of the two references in "
@@ -255,7 +246,7 @@ def main():
                   "rounded to 0.05)")
     console.print(f"default: {default}; κ {kappa}")
     if args.markdown:
-        atomic_write(args.markdown, "\n".join(md) + "\n")
+        atomic_write(args.markdown, report.markdown())
     if args.json:
         payload = {
             "default": {"name": default, "method": dmethod, "settings": dataclasses.asdict(dset)},

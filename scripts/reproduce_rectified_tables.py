@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
+
+from _report import Report  # scripts/_report.py (this folder is on sys.path when run as a script)
 
 from lensjax.io import atomic_write
 from lensjax.selection.curves import load_embedded
@@ -83,22 +83,11 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     res = run_all()
-    console = Console(width=200)
-    md: list[str] = []
+    report = Report()
     ratios = [f"1/{r}" for r in RATIOS]
 
     def table(title, rows, header):
-        t = Table(title=title)
-        for h in header:
-            t.add_column(h, justify="left" if h == header[0] else "right")
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-        md.append(f"**{title}**\n")
-        md.append("| " + " | ".join(header) + " |")
-        md.append("|" + "---|" * len(header))
-        md.extend("| " + " | ".join(r) + " |" for r in rows)
-        md.append("")
+        report.table(title, header, rows)
 
     def cell(ours, pub):
         return f"{ours:.1f}" if pub is None else f"{ours:.1f} ({pub:.1f})"
@@ -142,10 +131,10 @@ def main():
         ])
         table(f"RMSE of predicted vs true loss at 1,638,400, {s}: ours (reference implementation)", rows,
               ["method"] + ratios)
-    md.append("✓ / ✗: lower / not lower than both reference figures (rectified and AtS) at that ratio.\n")
+    report.note("✓ / ✗: lower / not lower than both reference figures (rectified and AtS) at that ratio.\n")
 
     if args.markdown:
-        atomic_write(args.markdown, "\n".join(md) + "\n")
+        atomic_write(args.markdown, report.markdown())
     if args.json:
         payload = {
             f"{s}/{m}": [x.to_json() | {"rmse": x.rmse()} for x in sels] for (s, m), sels in res.items()
