@@ -31,7 +31,7 @@ import optax
 
 from lensjax.io import atomic_write
 from lensjax.models.sampler import generate
-from lensjax.selection.lm import token_logprobs
+from lensjax.models.lm import token_logprobs
 from lensjax.svf import core
 from lensjax.svf.tasks import Task, format_prompt
 
