@@ -163,7 +163,7 @@ def ntk_lensjax(model, batch_np, args) -> dict:
     import jax.numpy as jnp
 
     from lensjax.kernels import ntk
-    from lensjax.selection.lm import scalar_fn
+    from lensjax.models.lm import scalar_fn
 
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     f = scalar_fn(model.config)

@@ -9,7 +9,7 @@ from scipy.linalg import expm
 
 import lensjax
 from lensjax.kernels import ntk
-from lensjax.selection.lm import scalar_fn
+from lensjax.models.lm import scalar_fn
 from tiny_hf import make
 
 

@@ -1,4 +1,5 @@
-"""Language-model objectives on the common tree: per-sample target log-likelihoods.
+"""Language-model objectives on the common tree: per-sample target log-likelihoods (shared by
+LensLLM's fine-tuning and NTK and by the SVF trainer).
 
 A batch is a dict of int/bool arrays [B, T]: ``ids`` (prompt then target tokens, right padded),
 ``attn`` (real tokens) and ``target`` (tokens whose log-probability counts: the target part).
@@ -19,6 +20,11 @@ from lensjax.models.transformer import _forward
 def token_logprobs(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
     """(log p(ids[t] | ids[<t]) [B, T−1], weight [B, T−1]) for the target tokens."""
     logits, _ = _forward(cfg, params, batch["ids"], batch["attn"], None, None)
+    return logprobs_from_logits(logits, batch)
+
+
+def logprobs_from_logits(logits, batch) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_logprobs` from the forward pass's logits [B, T, V] (to reuse them)."""
     logits = logits[:, :-1].astype(jnp.float32)
     nxt = batch["ids"][:, 1:]
     # A one-hot product rather than a gather: the gather's gradient is a scatter, which XLA's CPU

@@ -32,7 +32,7 @@ from lensjax.config import ModelConfig
 from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
 from lensjax.selection.data import Tokenized, bucket, make_batch
-from lensjax.selection.lm import mean_target_loss
+from lensjax.models.lm import mean_target_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _train_step(config, optimizer):
 def _eval_sums(config):
     @jax.jit
     def sums(params, batch):
-        from lensjax.selection.lm import token_logprobs
+        from lensjax.models.lm import token_logprobs
 
         lp, w = token_logprobs(config, params, batch)
         return -jnp.sum(lp * w), jnp.sum(w)

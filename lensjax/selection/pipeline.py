@@ -29,7 +29,7 @@ from lensjax.kernels import ntk as ntk_kernel
 from lensjax.selection import cost as cost_mod
 from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
 from lensjax.selection.finetune import CurvesStore, FinetuneConfig, evaluate, finetune
-from lensjax.selection.lm import sample_loglik, scalar_fn
+from lensjax.models.lm import sample_loglik, scalar_fn
 from lensjax.selection.selectors import SelectionError, select_many
 
 
