@@ -3,7 +3,12 @@
 The prompt is left-padded to a length bucket (multiples of ``PROMPT_BUCKET``) so that prompts of
 different lengths share one compiled function; the cache is preallocated for bucket +
 ``max_new_tokens`` slots; the decode loop is a ``lax.while_loop`` that stops as soon as every row
-has emitted an EOS token (rows that finished get the pad id after their EOS).
+has emitted an EOS token or completed a stop sequence (rows that finished get the pad id after
+their last token). Stop sequences are token-id sequences (a stop string tokenised); matching them
+in the loop lets a batch of long completions (``max_new_tokens`` 512) end as soon as every row has
+stopped. With ``return_logprobs`` the log-probability of every generated token under the model's
+untempered distribution (log-softmax of the logits that chose it) comes back too: what a policy
+gradient needs to check that it scores the policy it sampled.
 """
 
 from __future__ import annotations
@@ -36,15 +41,30 @@ def _filter_top_p(logits_BV, top_p):
     return jnp.where(keep, logits_BV, -jnp.inf)
 
 
+def stop_array(stop_sequences) -> tuple[np.ndarray, np.ndarray]:
+    """Stop sequences right-aligned in ``[S, W]`` int32 with their validity mask (S >= 1)."""
+    seqs = [tuple(int(t) for t in s) for s in (stop_sequences or ()) if len(s)]
+    W = max([len(s) for s in seqs], default=1)
+    arr = np.zeros((max(len(seqs), 1), W), np.int32)
+    valid = np.zeros(arr.shape, bool)
+    for i, s in enumerate(seqs):
+        arr[i, W - len(s):] = s
+        valid[i, W - len(s):] = True
+    return arr, valid
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype"))
-def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p, pad_id, *,
-              max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype):
+def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p, pad_id, stop_SW, stop_valid_SW,
+              *, max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype):
     B, T = ids_BT.shape
     cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
     logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None, cache_empty=True, last_only=True)
     last = logits[:, -1]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+    logp = jnp.zeros((B, max_new_tokens), jnp.float32)
+    W = stop_SW.shape[1]
+    has_stop = jnp.any(stop_valid_SW, axis=1)  # [S]: rows of the padded array that are real sequences
 
     def pick(last, key):
         if greedy:
@@ -53,34 +73,44 @@ def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _, _, _, _ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, last, cache, done, out, key = state
+        i, last, cache, done, out, logp, recent, key = state
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad_id, pick(last, sub))
+        lp = jnp.take_along_axis(jax.nn.log_softmax(last.astype(jnp.float32), -1), tok[:, None], -1)[:, 0]
         out = out.at[:, i].set(tok)
-        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        logp = logp.at[:, i].set(jnp.where(done, 0.0, lp))
+        recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)  # the last W tokens
+        # a stop sequence matches when the last len(seq) tokens equal it (-1 fills the window's start)
+        match = jnp.all((recent[:, None, :] == stop_SW[None]) | ~stop_valid_SW[None], axis=-1)
+        stopped = jnp.any(match & has_stop[None], axis=-1)
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1) | stopped
         logits, cache = _forward(cfg, params, tok[:, None], jnp.ones((B, 1), bool), cache, None)
-        return i + 1, logits[:, -1], cache, done, out, key
+        return i + 1, logits[:, -1], cache, done, out, logp, recent, key
 
-    state = (jnp.int32(0), last, cache, jnp.zeros((B,), bool), out, key)
-    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
-    return out
+    recent = jnp.full((B, W), -1, jnp.int32)
+    state = (jnp.int32(0), last, cache, jnp.zeros((B,), bool), out, logp, recent, key)
+    _, _, _, _, out, logp, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, logp
 
 
 def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, key=None, eos_token_id=None, pad_token_id=None,
-             bucket: int = PROMPT_BUCKET):
-    """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens.
+             bucket: int = PROMPT_BUCKET, stop_sequences=None, return_logprobs: bool = False):
+    """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens (with
+    ``return_logprobs``, also the generated tokens' log-probabilities [B, max_new_tokens], 0 after
+    a row has finished).
 
     ``temperature`` 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted to the top-``top_p`` nucleus, with ``key`` (a ``jax.random`` key). Rows that emit an
     EOS id (``eos_token_id``, default the config's) are padded with ``pad_token_id`` (default the
     config's pad id, else the first EOS id, else 0) afterwards; generation stops early when every
     row has finished. Prompts are left-padded with a mask, e.g. from a tokenizer with
-    ``padding_side="left"``.
+    ``padding_side="left"``. ``stop_sequences``: token-id sequences that end a row like an EOS
+    (the sequence itself is kept in the output).
     """
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2:
@@ -107,8 +137,11 @@ def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, 
             ids = np.concatenate([np.full((B, tb - T), pad_token_id, np.int32), ids], axis=1)
             mask = np.concatenate([np.zeros((B, tb - T), bool), mask], axis=1)
     dtype = params["embed"]["tokens"].dtype
-    new = _generate(config, params, jnp.asarray(ids), jnp.asarray(mask),
-                    key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
-                    jnp.float32(top_p), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
-                    greedy=temperature == 0, eos_ids=eos_ids, cache_dtype=dtype)
-    return jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)
+    stop, stop_valid = stop_array(stop_sequences)
+    new, logp = _generate(config, params, jnp.asarray(ids), jnp.asarray(mask),
+                          key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+                          jnp.float32(top_p), jnp.int32(pad_token_id), jnp.asarray(stop), jnp.asarray(stop_valid),
+                          max_new_tokens=int(max_new_tokens), greedy=temperature == 0, eos_ids=eos_ids,
+                          cache_dtype=dtype)
+    out = jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)
+    return (out, logp) if return_logprobs else out
