@@ -137,16 +137,19 @@ def scales(dec: Decomposition, z: dict, parameterisation: str = "paper", max_mul
 
 
 def adapted_params(params: dict, dec: Decomposition, z: dict, parameterisation: str = "paper", *,
-                   n_tokens: int | None = None, max_mult: float = 1.0) -> dict:
-    """The parameters the forward pass should use with expert ``z``. ``n_tokens`` (tokens per call)
-    chooses, per leaf, the factored apply (few tokens) or the recomposed dense W′ (many); None:
-    dense."""
+                   n_tokens: int | None = None, factored: bool | None = None, max_mult: float = 1.0) -> dict:
+    """The parameters the forward pass should use with expert ``z``. ``factored`` True/False forces
+    the factored apply (W plus the factors of the delta, computed in the activations' dtype) or the
+    recomposed dense W′ (rounded to W's dtype) for every leaf; otherwise ``n_tokens`` (tokens per
+    call) chooses per leaf, factored for few tokens; neither: dense."""
     g = scales(dec, z, parameterisation, max_mult)
     flat = dict(flatten(params))
     for p in dec.paths:
         w = flat[p]
         _, d_in, d_out = w.shape
-        if n_tokens is not None and svd_kernel.prefer_factored(n_tokens, d_in, d_out):
+        use = factored if factored is not None else (
+            n_tokens is not None and svd_kernel.prefer_factored(n_tokens, d_in, d_out))
+        if use:
             base = p[: -len("/w")]
             flat[base + "/svf_u"] = dec.u[p]
             flat[base + "/svf_d"] = dec.s[p] * (g[p] - 1.0)

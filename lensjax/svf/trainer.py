@@ -1,18 +1,37 @@
-"""REINFORCE training of SVF experts with a KL penalty, resumable.
+"""REINFORCE training of SVF experts with a KL penalty, resumable; two presets.
 
-Each step: sample ``batch_prompts`` prompts, draw ``samples_per_prompt`` completions from the
-adapted policy π_{W′} with :func:`lensjax.generate` (temperature sampling; greedy as an option),
-score them with the task's reward, and minimise
+Each step draws ``batch_prompts`` training prompts, takes ``samples_per_prompt`` completions from
+the adapted policy π_{W′} (:mod:`lensjax.svf.rollout`), scores them with the task's scorer
+(reward ``hi`` when correct, ``lo`` otherwise: 1/0 or ±1) and minimises over z only
 
-    −(1/N) Σ_i A_i Σ_t log π_{W′}(y_it | y_i,<t, x_i)  +  λ · mean_t KL(π_{W′}(·|·) ‖ π_W(·|·))
+    −(1/N) Σ_i A_i Σ_t log π_{W′}(y_it | y_i,<t, x_i)  +  λ · KL
 
-over z only, with A_i = R_i − mean(R) (optionally divided by the rewards' std). The KL is exact
-over the vocabulary at every completion token, in the paper's direction (``kl="forward"``:
-KL(π_{W′} ‖ π_W)); ``kl="reverse"`` gives KL(π_W ‖ π_{W′}). Optax AdamW with cosine decay and
-global-norm clipping; z and the optimiser state are float32; the update is one jitted function
-(one compile per sequence-length bucket). Every ``val_every`` steps greedy accuracy on the
-validation split is measured and the best z kept. State (z, optimiser, step, best) is written
-atomically after every step, so a killed run continues where it stopped.
+with A_i = R_i − mean(R) (``baseline="mean"``, optionally divided by the rewards' std) or R_i
+(``"none"``). The KL is exact over the vocabulary at every completion token: ``kl="forward"`` is
+KL(π_{W′} ‖ π_W) (the paper's D_KL(π_θW′ ‖ π_θW)), ``"reverse"`` KL(π_W ‖ π_{W′}) (the reference
+code's ``F.kl_div(log π_W′, log π_W, log_target=True)``); ``kl_reduce="mean"`` averages it over the
+batch's completion tokens, ``"sum"`` sums it over each completion's tokens and averages over
+completions (the reference). One forward pass gives both the log-probabilities and the KL.
+
+Presets (:data:`PRESETS`, ``--preset``; any field can be overridden):
+
+* ``paper`` (the default: sampling with a baseline gives a learning signal from every prompt whose
+  samples disagree, and is what the paper describes): sampled rollouts (T = 1), 4 samples per
+  prompt, reward 1/0, mean baseline, KL(π_{W′} ‖ π_W) per-token mean with λ = 0.1 (our choice of λ:
+  the paper leaves it as a hyperparameter), AdamW with cosine decay, clip 1.0, the paper's
+  parameterisation g(z) = z from 1.
+* ``reference`` (the released code, SakanaAI/self-adaptive-llms ``optim_modules.Reinforce`` with
+  its ``cfgs/``): greedy rollouts, one completion per prompt, reward ±1, no baseline, KL(π_W ‖
+  π_{W′}) summed over tokens (λ = 0: its default ``kl_ref_coeff``), Adam at a constant lr 2e-3,
+  gradient clip 1e-3, its sigmoid mask with Σσ kept, z from 0.1.
+
+The loss uses the same parameters as the rollouts: in float32 the dense W′ (rollouts pick dense
+or factored per leaf; the two agree to rounding), in a low-precision dtype the factored apply for
+both, so that a small change of z is not lost in W′'s rounding and the scored policy is the sampled
+one. Prompt and completion lengths are bucketed, so the jitted update compiles once per bucket.
+Every ``val_every`` steps greedy accuracy on the validation split is measured and the best z kept;
+state (z, optimiser, step, best) is written atomically after every step, so a killed run continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -30,18 +49,26 @@ import numpy as np
 import optax
 
 from lensjax.io import atomic_write
-from lensjax.models.sampler import generate
-from lensjax.models.lm import token_logprobs
+from lensjax.models.lm import logprobs_from_logits
+from lensjax.models.transformer import _forward
 from lensjax.svf import core
-from lensjax.svf.tasks import Task, format_prompt
+from lensjax.svf.rollout import COMPLETION_BUCKET, PROMPT_BUCKET, Rollout, complete, evaluate
+from lensjax.svf.tasks import Task
+
+REWARDS = {"binary": (1.0, 0.0), "pm1": (1.0, -1.0)}
+CHOICES = {"kl": ("forward", "reverse"), "kl_reduce": ("mean", "sum"), "baseline": ("mean", "none"),
+           "optimizer": ("adamw", "adam"), "schedule": ("cosine", "constant"), "reward": tuple(REWARDS)}
 
 
 @dataclasses.dataclass(frozen=True)
 class SVFConfig:
+    preset: str = "paper"
     targets: str = "mlp"
     parameterisation: str = "paper"
     max_mult: float = 1.0
     lr: float = 2e-3
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
     weight_decay: float = 0.0
     clip: float = 1.0
     steps: int = 100
@@ -51,47 +78,97 @@ class SVFConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     greedy_rollouts: bool = False
-    kl_coef: float = 0.0  # λ
-    kl: str = "forward"
+    reward: str = "binary"
+    baseline: str = "mean"
     normalise_rewards: bool = False
+    kl_coef: float = 0.1  # λ
+    kl: str = "forward"
+    kl_reduce: str = "mean"
+    prompt_bucket: int = PROMPT_BUCKET
+    completion_bucket: int = COMPLETION_BUCKET
     val_every: int = 10
     eval_batch: int = 64
     seed: int = 0
 
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise core.SVFError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.preset not in PRESETS:
+            raise core.SVFError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.parameterisation not in core.PARAMETERISATIONS:
+            raise core.SVFError(f"unknown parameterisation {self.parameterisation!r}; "
+                                f"choose one of {', '.join(core.PARAMETERISATIONS)}")
+
+
+PRESETS = {
+    "paper": {},  # the field defaults above
+    "reference": dict(greedy_rollouts=True, samples_per_prompt=1, reward="pm1", baseline="none",
+                      normalise_rewards=False, kl="reverse", kl_reduce="sum", kl_coef=0.0, optimizer="adam",
+                      schedule="constant", lr=2e-3, clip=1e-3, weight_decay=0.0, parameterisation="reference"),
+}
+DEFAULT_PRESET = "paper"
+
+
+def make_config(preset: str = DEFAULT_PRESET, **overrides) -> SVFConfig:
+    """The preset's configuration with ``overrides`` (fields given as None keep the preset's)."""
+    if preset not in PRESETS:
+        raise core.SVFError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(SVFConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise core.SVFError(f"unknown SVF settings {sorted(unknown)}")
+    return SVFConfig(preset=preset, **{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
 
 def make_optimizer(cfg: SVFConfig) -> optax.GradientTransformation:
-    return _optimizer(cfg.lr, cfg.weight_decay, cfg.clip, cfg.steps)
+    return _optimizer(cfg.optimizer, cfg.schedule, cfg.lr, cfg.weight_decay, cfg.clip, cfg.steps)
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(lr, wd, clip, steps):
-    sched = optax.cosine_decay_schedule(lr, max(steps, 1))
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=wd))
+def _optimizer(kind, schedule, lr, wd, clip, steps):
+    sched = optax.cosine_decay_schedule(lr, max(steps, 1)) if schedule == "cosine" else lr
+    opt = optax.adamw(sched, weight_decay=wd) if kind == "adamw" else optax.adam(sched)
+    return optax.chain(optax.clip_by_global_norm(clip), opt)
 
 
-def kl_per_token(logits_p, logits_q, mask):
-    """Mean over masked positions of KL(p ‖ q) from logits [B, T, V]."""
+def kl_tokens(logits_p, logits_q):
+    """KL(p ‖ q) at every position from logits [B, T, V] → [B, T]."""
     lp = jax.nn.log_softmax(logits_p.astype(jnp.float32), -1)
     lq = jax.nn.log_softmax(logits_q.astype(jnp.float32), -1)
-    kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
-    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+
+
+def low_precision(params) -> bool:
+    return params["embed"]["tokens"].dtype != jnp.float32
+
+
+def policy_params(params, dec, z, cfg: SVFConfig, n_tokens: int | None = None) -> dict:
+    """The policy's parameters: factored in a low-precision dtype (rollouts and loss alike), else
+    chosen per leaf by ``n_tokens`` (None: dense)."""
+    factored = True if low_precision(params) else None
+    return core.adapted_params(params, dec, z, cfg.parameterisation, n_tokens=n_tokens, factored=factored,
+                               max_mult=cfg.max_mult)
+
+
+def policy_logprobs(model_cfg, cfg: SVFConfig, z, params, dec, batch):
+    """(per-token log-probs [B, T−1], target weights, logits) of the batch under the policy."""
+    logits, _ = _forward(model_cfg, policy_params(params, dec, z, cfg), batch["ids"], batch["attn"], None, None)
+    lp, w = logprobs_from_logits(logits, batch)
+    return lp, w, logits
 
 
 def policy_loss(model_cfg, cfg: SVFConfig, z, params, dec, batch, adv):
     """The REINFORCE + KL objective (see module notes); returns (loss, (pg, kl))."""
-    from lensjax.models.transformer import _forward
-
-    adapted = core.adapted_params(params, dec, z, cfg.parameterisation, max_mult=cfg.max_mult)
-    lp, w = token_logprobs(model_cfg, adapted, batch)
+    lp, w, logits = policy_logprobs(model_cfg, cfg, z, params, dec, batch)
     pg = -jnp.mean(adv * jnp.sum(lp * w, -1))
     kl = jnp.float32(0.0)
     if cfg.kl_coef:
-        logits_a, _ = _forward(model_cfg, adapted, batch["ids"], batch["attn"], None, None)
-        logits_b, _ = _forward(model_cfg, params, batch["ids"], batch["attn"], None, None)
-        logits_b = jax.lax.stop_gradient(logits_b)
-        m = (batch["target"][:, 1:] & batch["attn"][:, 1:]).astype(jnp.float32)
-        pa, pb = logits_a[:, :-1], logits_b[:, :-1]
-        kl = kl_per_token(pa, pb, m) if cfg.kl == "forward" else kl_per_token(pb, pa, m)
+        base, _ = _forward(model_cfg, params, batch["ids"], batch["attn"], None, None)
+        pa, pb = logits[:, :-1], jax.lax.stop_gradient(base)[:, :-1]
+        k = kl_tokens(pa, pb) if cfg.kl == "forward" else kl_tokens(pb, pa)
+        tot = jnp.sum(k * w, -1)
+        kl = jnp.mean(tot) if cfg.kl_reduce == "sum" else jnp.sum(tot) / jnp.maximum(jnp.sum(w), 1.0)
     return pg + cfg.kl_coef * kl, (pg, kl)
 
 
@@ -110,51 +187,18 @@ def _update_fn(model_cfg, cfg: SVFConfig):
     return update
 
 
-# ---------------------------------------------------------------------------------- rollouts
-def _encode(tokenizer, prompts: list[str]):
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    T = max(len(e) for e in enc)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(enc), T), pad, np.int32)
-    mask = np.zeros((len(enc), T), bool)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = e
-        mask[i, T - len(e):] = True
-    return ids, mask
+def advantages(correct: np.ndarray, cfg: SVFConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards, advantages) from 0/1 correctness."""
+    hi, lo = REWARDS[cfg.reward]
+    r = np.where(correct > 0.5, hi, lo).astype(np.float32)
+    adv = r - r.mean() if cfg.baseline == "mean" else r.copy()
+    if cfg.normalise_rewards:
+        adv = adv / (r.std() + 1e-6)
+    return r, adv
 
 
-def complete(model, params, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             key=None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(completions as text, token ids [B, T + N], attention/target masks) with left-padded prompts."""
-    tok = model.tokenizer
-    ids, mask = _encode(tok, prompts)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    out = np.asarray(generate(model.config, params, ids, mask, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, key=key,
-                              eos_token_id=[eos] if eos is not None else [], pad_token_id=pad))
-    new = out[:, ids.shape[1]:]
-    gen_mask = np.ones_like(new, bool)
-    if eos is not None:  # tokens after the first EOS are padding
-        hit = np.cumsum(new == eos, axis=1)
-        gen_mask = (hit == 0) | ((hit == 1) & (new == eos))
-    texts = [tok.decode(row[m], skip_special_tokens=True) for row, m in zip(new, gen_mask)]
-    attn = np.concatenate([mask, gen_mask], axis=1)
-    target = np.concatenate([np.zeros_like(mask), gen_mask], axis=1)
-    return texts, out, np.stack([attn, target])
-
-
-def accuracy(model, params, task: Task, *, max_new_tokens: int = 8, batch: int = 64) -> float:
-    """Greedy accuracy on ``task``."""
-    hits = 0.0
-    for s in range(0, len(task), batch):
-        prompts = list(task.prompts[s: s + batch])
-        n = len(prompts)
-        prompts += [prompts[-1]] * (batch - n)  # one shape per bucket
-        texts, _, _ = complete(model, params, prompts, max_new_tokens=max_new_tokens)
-        hits += sum(task.reward(t, a) for t, a in zip(texts[:n], task.answers[s: s + n]))
-    return hits / len(task)
+def batch_of(r: Rollout) -> dict:
+    return {"ids": jnp.asarray(r.ids), "attn": jnp.asarray(r.attn), "target": jnp.asarray(r.target)}
 
 
 # ---------------------------------------------------------------------------------- state
@@ -200,11 +244,9 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
     params = model.params
 
     def validate(zz):
-        return accuracy(model, core.adapted_params(params, dec, zz, cfg.parameterisation, n_tokens=val_tokens,
-                                                   max_mult=cfg.max_mult), val,
-                        max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch)
+        return evaluate(model, policy_params(params, dec, zz, cfg, n_tokens=cfg.eval_batch), val,
+                        max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch)["accuracy"]
 
-    val_tokens = cfg.eval_batch
     whash = core.content_hash(params, dec.paths)
     if info["best_acc"] is None:
         info["best_acc"] = info["base_acc"] = validate(z)
@@ -216,19 +258,15 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
         rng = np.random.default_rng([cfg.seed, step])
         pick = rng.choice(len(task), cfg.batch_prompts, replace=len(task) < cfg.batch_prompts)
         prompts = [task.prompts[i] for i in pick for _ in range(cfg.samples_per_prompt)]
-        answers = [task.answers[i] for i in pick for _ in range(cfg.samples_per_prompt)]
-        roll_params = core.adapted_params(params, dec, z, cfg.parameterisation, n_tokens=n_roll, max_mult=cfg.max_mult)
-        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        texts, ids, masks = complete(model, roll_params, prompts, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=0.0 if cfg.greedy_rollouts else cfg.temperature,
-                                     top_p=cfg.top_p, key=key)
-        r = np.array([task.reward(t, a) for t, a in zip(texts, answers)], np.float32)
-        adv = r - r.mean()
-        if cfg.normalise_rewards:
-            adv = adv / (r.std() + 1e-6)
-        batch = {"ids": jnp.asarray(ids), "attn": jnp.asarray(masks[0]), "target": jnp.asarray(masks[1])}
-        z, opt_state, stats = update(z, opt_state, params, dec, batch, jnp.asarray(adv))
-        rec = {"step": step + 1, "reward": float(r.mean()), **{k: float(v) for k, v in stats.items()}}
+        refs = [task.references[i] for i in pick for _ in range(cfg.samples_per_prompt)]
+        roll = complete(model, policy_params(params, dec, z, cfg, n_tokens=n_roll), task, prompts,
+                        max_new_tokens=cfg.max_new_tokens, temperature=0.0 if cfg.greedy_rollouts else cfg.temperature,
+                        top_p=cfg.top_p, key=jax.random.fold_in(jax.random.key(cfg.seed), step),
+                        prompt_bucket=cfg.prompt_bucket, completion_bucket=cfg.completion_bucket)
+        r, adv = advantages(task.score_many(roll.texts, refs), cfg)
+        z, opt_state, stats = update(z, opt_state, params, dec, batch_of(roll), jnp.asarray(adv))
+        rec = {"step": step + 1, "reward": float(r.mean()), "shape": list(roll.ids.shape),
+               **{k: float(v) for k, v in stats.items()}}
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             acc = validate(z)
             rec["val_accuracy"] = acc

@@ -1,0 +1,28 @@
+"""Smoke runs of the SVF experiment and benchmark scripts at their smallest settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, out, *args):
+    res = subprocess.run([sys.executable, str(ROOT / script), "--smoke", "--out", str(out), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads(out.read_text()), res.stdout
+
+
+def test_svf_presets_experiment_smoke(tmp_path):
+    data, out = _run("scripts/svf_presets_experiment.py", tmp_path / "p.json")
+    assert {r["preset"] for r in data["runs"]} == {"reference", "paper"} and data["smoke"]
+    assert all(0 <= r["final"] <= 1 for r in data["runs"]) and "| reference |" in out
+
+
+def test_bench_svf_buckets_smoke(tmp_path):
+    data, out = _run("benchmarks/bench_svf_buckets.py", tmp_path / "b.json")
+    runs = data["runs"]
+    assert runs["bucketed"]["compilations"] == runs["bucketed"]["distinct_shapes"]
+    assert all((s[1] - 16) % 16 == 0 for s in runs["bucketed"]["shapes"]) and "exact / bucketed" in out
