@@ -292,3 +292,35 @@ def test_code_task_without_a_sandbox_says_why_and_runs_nothing(tiny, tmp_path, m
         res = CliRunner().invoke(app, ["svf", *cmd, "--model", tiny.path, "--task", str(f)])
         assert res.exit_code == 2 and "the sandbox needs POSIX rlimits" in res.output, res.output
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
+def test_every_kind_loads_from_csv_parquet_and_json(tmp_path, fmt):
+    import datasets
+
+    for kind, rows in (("math", MATH_ROWS), ("arc", ARC_ROWS), ("mbpp", MBPP_ROWS)):
+        f = tmp_path / f"{kind}.{fmt}"
+        ds = datasets.Dataset.from_list(rows)
+        if fmt == "csv":  # as a spreadsheet export writes nested fields: JSON text in a cell
+            ds = ds.map(lambda r: {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+        getattr(ds, {"csv": "to_csv", "parquet": "to_parquet", "json": "to_json"}[fmt])(str(f))
+        got, want = tasks.load_task(str(f)), tasks.from_records(rows, kind)
+        assert (got.kind, got.prompts, got.references) == (kind, want.prompts, want.references)
+
+
+def test_prompts_use_the_chat_template_with_a_system_turn_or_merged(tiny):
+    tok = tiny.tokenizer
+    task = tasks.from_records([{"question": "What is 2+3?", "answer": "#### 5"}], "g")
+    text, special = tasks.format_prompt(tok, task, task.prompts[0])
+    assert special and text.startswith(task.spec.instruction) and text.endswith("Question: What is 2+3?\nAnswer:")
+    tok = type(tok).from_pretrained(tiny.path)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    text, special = tasks.format_prompt(tok, task, task.prompts[0])
+    assert not special and text == f"<s><system>{task.spec.instruction}<user>What is 2+3?<assistant>"
+    assert tasks.encode_prompts(tok, task, task.prompts)[0][0] == tok.bos_token_id  # BOS once, from the template
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}[{{ m['content'] }}]{% endfor %}")
+    text, _ = tasks.format_prompt(tok, task, task.prompts[0])
+    assert text == f"[{task.spec.instruction}\n\nWhat is 2+3?]"
+    assert task.stop_strings(templated=False) == ("\nQuestion:", "\n\n\n")

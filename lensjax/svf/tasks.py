@@ -34,7 +34,9 @@ Stop strings end a completion (they are kept in it).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -151,8 +153,19 @@ def detect_kind(columns) -> str:
     raise TaskError(f"records have none of the field sets of a task kind ({kinds}); found {sorted(c)}")
 
 
+def _structured(v):
+    """A list/dict field as a CSV cell writes it (JSON or a Python literal) back into a list/dict."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except ValueError:
+        return ast.literal_eval(v)
+
+
 def _choices(ch) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(labels, texts) of ARC choices given as {"label": [...], "text": [...]} or [{"label", "text"}]."""
+    ch = _structured(ch)
     if isinstance(ch, dict):
         return tuple(str(x) for x in ch["label"]), tuple(str(x) for x in ch["text"])
     return tuple(str(x["label"]) for x in ch), tuple(str(x["text"]) for x in ch)
@@ -178,8 +191,8 @@ def _record(kind: str, r: dict, i: int, name: str) -> tuple[str, Any]:
         if kind == "mbpp":
             from lensjax.svf import sandbox
 
-            tests = [str(t) for t in r["test_list"]]
-            setup = r.get("test_setup_code") or "\n".join(r.get("test_imports") or [])
+            tests = [str(t) for t in _structured(r["test_list"])]
+            setup = r.get("test_setup_code") or "\n".join(_structured(r.get("test_imports") or []))
             text = str(r.get("text") or r.get("prompt")).strip()
             prompt = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
             return prompt, sandbox.CodeRef(tests="\n".join(tests), setup=str(setup or ""))
@@ -190,7 +203,7 @@ def _record(kind: str, r: dict, i: int, name: str) -> tuple[str, Any]:
             return p, sandbox.CodeRef(tests=str(r["test"]), prompt=p, entry_point=str(r["entry_point"]))
     except TaskError as exc:
         raise TaskError(f"{name}, record {i}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, SyntaxError) as exc:
         raise TaskError(f"{name}, record {i}: not a valid {kind} record ({type(exc).__name__}: {exc})") from None
     raise TaskError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")
 
