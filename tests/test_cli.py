@@ -60,6 +60,7 @@ def test_json_schema_single_and_all_ratios(tmp_path):
     assert 0 < data[0]["cost_fraction"] < 0.26
 
 
+@pytest.mark.slow
 def test_all_ratios_json_has_intervals_and_p_best_for_every_model(tmp_path):
     # The acceptance command of the uncertainty issue, on a curves file: `--curves X --all-ratios --json OUT`.
     x, out = _write_copy(tmp_path), tmp_path / "out.json"
@@ -83,6 +84,7 @@ def test_all_ratios_json_has_intervals_and_p_best_for_every_model(tmp_path):
     assert width[-1] > width[0]
 
 
+@pytest.mark.slow
 def test_plot(tmp_path):
     png = tmp_path / "fit.png"
     res = run("--ratio", "64", "--plot", str(png))

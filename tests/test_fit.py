@@ -64,6 +64,7 @@ def test_vanilla_and_lensllm_recover_exact_curves():
     np.testing.assert_allclose(fit2.params["beta"], beta2, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_masked_curves_equal_separate_fits():
     """Irregular and missing sizes in one batch give the same optimum as each curve alone."""
     curves = load_embedded("gigaword")

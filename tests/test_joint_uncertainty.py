@@ -75,6 +75,7 @@ def test_joint_fit_pulls_beta_towards_the_truth_when_it_is_shared():
     assert np.all(jf.converged)
 
 
+@pytest.mark.slow
 def test_groups_do_not_see_each_other():
     _, d, loss = synthetic(20, 2)
     _, d2, loss2 = synthetic(20, 3, noise=0.05, beta_sd=0.3)

@@ -67,6 +67,7 @@ def test_killed_run_resumes_to_the_same_curves(zoo, tmp_path, monkeypatch):
     assert part.read_text() == full.read_text()
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(zoo, tmp_path):
     dirs, data, _ = zoo
     out, curves, ntk = tmp_path / "res.json", tmp_path / "curves.csv", tmp_path / "ntk.safetensors"

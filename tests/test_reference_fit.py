@@ -4,6 +4,7 @@
 import multiprocessing as mp
 
 import numpy as np
+import pytest
 
 from baselines import rectified_reference as ref
 from lensjax.selection.curves import load_embedded
@@ -25,6 +26,7 @@ def _ref_fit(args):
     return ref.fit_one(*args, repeats=1)  # the reference's 3 repeats are identical
 
 
+@pytest.mark.slow
 def test_ours_at_least_as_good_as_reference_on_95_percent():
     probs = _problems()
     assert len(probs) == 420

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,6 +46,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fit_on_8_fake_devices_matches_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)

@@ -156,6 +156,7 @@ SVF_CFG = SVFConfig(steps=60, targets="all", normalise_rewards=True, batch_promp
                     max_new_tokens=3, lr=2e-2, val_every=10, eval_batch=100, kl_coef=0.0)
 
 
+@pytest.mark.slow
 def test_svf_reinforce_raises_heldout_accuracy_over_three_seeds(pretrained, tmp_path):
     model, tr, val, test = pretrained
     dec = core.decompose_params(model.params, "all")

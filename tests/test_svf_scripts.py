@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,12 +17,14 @@ def _run(script, out, *args):
     return json.loads(out.read_text()), res.stdout
 
 
+@pytest.mark.slow
 def test_svf_presets_experiment_smoke(tmp_path):
     data, out = _run("scripts/svf_presets_experiment.py", tmp_path / "p.json")
     assert {r["preset"] for r in data["runs"]} == {"reference", "paper"} and data["smoke"]
     assert all(0 <= r["final"] <= 1 for r in data["runs"]) and "| reference |" in out
 
 
+@pytest.mark.slow
 def test_bench_svf_buckets_smoke(tmp_path):
     data, out = _run("benchmarks/bench_svf_buckets.py", tmp_path / "b.json")
     runs = data["runs"]

@@ -1,11 +1,13 @@
 """Residual bootstrap of batched fits (groundwork for intervals and P(best))."""
 
 import numpy as np
+import pytest
 
 from lensjax.selection.fit import fit_curves
 from lensjax.selection.uncertainty import residual_bootstrap
 
 
+@pytest.mark.slow
 def test_bootstrap_coverage_on_curves_from_a_known_law():
     rng = np.random.default_rng(0)
     n = 120
