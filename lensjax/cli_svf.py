@@ -183,3 +183,142 @@ def svf_export(model: str = typer.Option(...), expert: Path = typer.Option(...),
     except _svf_errors() as exc:
         _fail(exc)
     console.print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------ self-adaptation
+def _pairs(spec: str, what: str) -> dict[str, str]:
+    """``a=x,b=y`` → {"a": "x", "b": "y"}."""
+    from lensjax.svf.core import SVFError
+
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise SVFError(f"{what}: expected category=value pairs separated by commas; got {part!r}")
+        if name.strip() in out:
+            raise SVFError(f"{what}: category {name.strip()!r} given twice")
+        out[name.strip().lower()] = value.strip()
+    if not out:
+        raise SVFError(f"{what}: no category=value pairs in {spec!r}")
+    return out
+
+
+@svf_app.command("train-classifier")
+def svf_train_classifier(model: str = typer.Option(..., help="Model folder or hub id."),
+                         tasks: str = typer.Option(..., help="category=task pairs, e.g. math=gsm8k,code=mbpp,reasoning=arc_challenge; only their TRAIN splits are read."),
+                         steps: int = typer.Option(100), out: Path = typer.Option(..., help="Run folder (resumable); the expert is out/best.safetensors."),
+                         targets: str = typer.Option("mlp"), preset: str = typer.Option("paper"),
+                         per_category: Optional[int] = typer.Option(None, help="At most this many questions per category."),
+                         n_val: int = typer.Option(50, help="Validation questions, carved from the training questions."),
+                         instruction: Optional[str] = typer.Option(None, help="Replaces the classification instruction (default: the reference's categories prompt)."),
+                         lr: Optional[float] = typer.Option(None), batch_prompts: int = typer.Option(8),
+                         max_new_tokens: int = typer.Option(16), kind: Optional[str] = typer.Option(None, help=KIND_HELP),
+                         seed: int = typer.Option(0), cache_dir: Optional[Path] = typer.Option(None)):
+    """Train the pass-1 classification expert (REINFORCE, reward: the right category)."""
+    from rich.progress import Progress
+
+    from lensjax.svf.adapt import train_classifier
+    from lensjax.svf.tasks import load_task
+    from lensjax.svf.trainer import make_config
+
+    try:
+        sources = _pairs(tasks, "--tasks")
+        cfg = make_config(preset, targets=targets, steps=steps, lr=lr, batch_prompts=batch_prompts,
+                          max_new_tokens=max_new_tokens, seed=seed)
+        train_tasks = {cat: load_task(src, "train", None, kind) for cat, src in sources.items()}
+        m, dec = _svf_load(model, targets, cache_dir)
+        with Progress(console=console) as prog:
+            bar = prog.add_task("classifier", total=steps)
+            info = train_classifier(m, dec, train_tasks, cfg, out, n_val=n_val, per_category=per_category,
+                                    instruction=instruction,
+                                    on_step=lambda r: prog.update(bar, completed=r["step"],
+                                                                  description=f"classifier reward {r['reward']:.2f}"))
+    except _svf_errors() as exc:
+        _fail(exc)
+    console.print(f"categories {', '.join(sources)}; {sum(len(t) for t in train_tasks.values())} training questions")
+    console.print(f"classification accuracy on validation: base {info['base_acc']:.3f} → best {info['best_acc']:.3f} "
+                  f"(step {info['best_step']}); expert: {out / 'best.safetensors'}")
+
+
+@svf_app.command("adapt")
+def svf_adapt(model: str = typer.Option(..., help="Model folder or hub id."),
+              experts: str = typer.Option(..., help="category=expert-file pairs, e.g. math=m.safetensors,code=c.safetensors."),
+              strategy: str = typer.Option(..., help="prompt, classifier or fewshot."),
+              task: str = typer.Option(..., help=TASK_HELP), kind: Optional[str] = typer.Option(None, help=KIND_HELP),
+              classifier: Optional[Path] = typer.Option(None, help="Classification expert (strategy classifier), from svf train-classifier."),
+              shots: int = typer.Option(10, help="Few-shot examples from the task's train split (strategy fewshot)."),
+              n_val: int = typer.Option(50, help="Validation examples for the few-shot choice (the task's validation split, else carved from train)."),
+              generations: int = typer.Option(50), pop_size: int = typer.Option(32), elites: int = typer.Option(6),
+              per_matrix: bool = typer.Option(False, help="One α per expert per target matrix."),
+              mix_space: str = typer.Option("multipliers", help="multipliers (g(z), default) or raw_z (the reference code's)."),
+              split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None),
+              instruction: Optional[str] = typer.Option(None, help="Replaces the classification instruction."),
+              max_new_tokens: int = typer.Option(256), classify_tokens: int = typer.Option(16),
+              batch: int = typer.Option(32), seed: int = typer.Option(0),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="Result, per-question choices / α and answers."),
+              cache_dir: Optional[Path] = typer.Option(None)):
+    """Two-pass Transformer² inference: pass 1 picks the expert(s), pass 2 answers with them."""
+    from rich.progress import Progress
+
+    from lensjax.svf import core, mixing
+    from lensjax.svf.adapt import CLASSIFIER_PREFIX, STRATEGIES, adapt
+    from lensjax.svf.experts import check_expert, load_expert
+    from lensjax.svf.tasks import load_task
+
+    try:
+        if strategy not in STRATEGIES:
+            raise core.SVFError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        files = _pairs(experts, "--experts")
+        metas = {c: load_expert(f)[1] for c, f in files.items()}
+        tgts = {m.get("targets") for m in metas.values()}
+        if len(tgts) != 1:
+            raise core.SVFError("the experts target different matrices: "
+                                + ", ".join(f"{c}: {m.get('targets')}" for c, m in metas.items()))
+        m, dec = _svf_load(model, tgts.pop(), cache_dir)
+        es = mixing.load_experts(files, dec, m.params)
+        cls_params, shot_set, val_set = None, None, None
+        if strategy == "classifier":
+            if classifier is None:
+                raise core.SVFError("strategy classifier needs --classifier (from `lensjax svf train-classifier`)")
+            zc, mc = load_expert(classifier)
+            cats = mc.get("task", "")[len(CLASSIFIER_PREFIX):].split(",") if mc.get("task", "").startswith(CLASSIFIER_PREFIX) else []
+            missing = [c for c in cats if c not in es.names]
+            if missing:
+                raise core.SVFError(f"the classifier predicts {', '.join(missing)}, which has no expert (give it in --experts)")
+            cdec = dec if mc.get("targets") == metas[es.names[0]].get("targets") else _svf_load(model, mc["targets"], cache_dir)[1]
+            check_expert(zc, cdec, mc, m.params)
+            cls_params = core.adapted_params(m.params, cdec, zc, mc.get("parameterisation", "paper"), n_tokens=batch,
+                                             max_mult=float(mc.get("max_mult", 1.0)))
+        if strategy == "fewshot":
+            from lensjax.svf.fewshot import fewshot_sets
+
+            shot_set, val_set = fewshot_sets(task, shots, n_val, seed, kind)
+        data = load_task(task, split, limit, kind)  # the test split, read once
+        if data.kind in ("mbpp", "humaneval"):
+            from lensjax.svf.sandbox import check_available
+
+            check_available()
+        n_q = len(data)
+        with Progress(console=console) as prog:
+            bars = {"pass 1": prog.add_task("pass 1", total=generations if strategy == "fewshot" else n_q),
+                    "pass 2": prog.add_task("pass 2", total=n_q)}
+            res = adapt(m, dec, es, data, strategy, classifier_params=cls_params, shots=shot_set, val=val_set,
+                        instruction=instruction, max_new_tokens=max_new_tokens, classify_tokens=classify_tokens,
+                        batch=batch, fewshot=dict(generations=generations, pop_size=pop_size, n_elites=elites,
+                                                  per_matrix=per_matrix, space=mix_space, seed=seed),
+                        on_progress=lambda name, n: prog.advance(bars[name], n))
+    except _svf_errors() as exc:
+        _fail(exc)
+    t = Table(title=f"Transformer² on {data.name} ({n_q} questions)")
+    for c in ("strategy", "accuracy", "pass 1 (s)", "pass 2 (s)", "pass 1 tokens", "pass 2 tokens", "choice"):
+        t.add_column(c)
+    if res.choices is not None:
+        choice = ", ".join(f"{c} {res.choices.count(c)}" for c in dict.fromkeys(res.choices))
+    else:
+        choice = "α = " + json.dumps(np.round(np.asarray(res.alpha), 3).tolist())
+    t.add_row(strategy, f"{res.accuracy:.4f}", f"{res.pass1_seconds:.2f}", f"{res.pass2_seconds:.2f}",
+              f"{res.pass1_tokens:,}", f"{res.pass2_tokens:,}", choice)
+    console.print(t)
+    if json_out is not None:
+        atomic_write(json_out, json.dumps(res.to_json(files), indent=1) + "\n")
+        console.print(f"wrote {json_out}")

@@ -72,7 +72,10 @@ def _dense(p: dict, x):
     lead = x.shape[:-1]
     y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
     if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
-        y = y + (((x @ p["svf_u"].astype(x.dtype)) * p["svf_d"].astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
+        d = p["svf_d"]
+        if "svf_rows" in p:  # per-row expert sets: d [E, r], row b uses set svf_rows[b]
+            d = jnp.take(d, p["svf_rows"], axis=0).reshape(x.shape[0], *(1,) * (x.ndim - 2), d.shape[-1])
+        y = y + (((x @ p["svf_u"].astype(x.dtype)) * d.astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
     return y + p["b"] if "b" in p else y
 
 

@@ -35,6 +35,9 @@ case-sensitive (lowercase "a" is never "A"); a candidate not among the labels is
 3. exactly one choice text occurs in it (case-insensitive, as a whole phrase) -> its label;
 4. the last "(X)" anywhere; else None (score 0), never a guess.
 A plain-string reference to :func:`score_choice` means labels A-E (1-5 when it is a digit).
+Category (Transformer²'s pass-1 classification) — the FIRST ``\\boxed{}`` of the completion (as the
+reference code's ``re.search``), nested braces and ``\\text{}`` unwrapped, surrounding spaces, quotes,
+``*`` and a final period dropped, lowercased; no box -> None (the caller's "other").
 """
 
 from __future__ import annotations
@@ -286,3 +289,28 @@ def score_choice(completion: str, reference: Choice | str) -> float:
 
 if __name__ == "__rewards_helper__":
     _serve()
+
+
+_WRAP = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|texttt)\s*\{(.*)\}$", re.S)
+
+
+def category_extract(completion: str) -> str | None:
+    """The category named in the first ``\\boxed{}`` (see the module notes), or None."""
+    m = _BOX.search(completion)
+    if m is None:
+        return None
+    rest = completion[m.end():m.end() + 400]
+    if not rest.lstrip().startswith("{"):
+        return None
+    content = _braced(rest, len(rest) - len(rest.lstrip()), 400)
+    if content is None:
+        return None
+    content = content.strip()
+    while (w := _WRAP.match(content)) is not None:
+        content = w.group(1).strip()
+    content = content.strip(" \t\n*'\"`.")
+    return content.lower() or None
+
+
+def score_category(completion: str, reference: str) -> float:
+    return 1.0 if category_extract(completion) == str(reference).strip().lower() else 0.0

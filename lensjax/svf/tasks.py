@@ -70,6 +70,8 @@ KINDS = {
     "humaneval": Kind("humaneval", "prompt, test, entry_point", "Complete the Python function. Give the complete "
                       "function in one ```python block.", ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"),
                       ("\n```\n",)),
+    # Transformer²'s pass-1 question classification (lensjax.svf.adapt); references are category names
+    "category": Kind("category", "(built from expert tasks)", "", ("}",), ("}",)),
 }
 HUB = {
     "gsm8k": ("openai/gsm8k", "main"), "openai/gsm8k": ("openai/gsm8k", "main"),
@@ -90,6 +92,7 @@ class Task:
     kind: str
     prompts: tuple[str, ...]  # the user turn
     references: tuple[Any, ...]
+    instruction: str | None = None  # replaces the kind's instruction when set ("" for none)
 
     def __len__(self):
         return len(self.prompts)
@@ -97,6 +100,10 @@ class Task:
     @property
     def spec(self) -> Kind:
         return KINDS[self.kind]
+
+    @property
+    def instruction_text(self) -> str:
+        return self.spec.instruction if self.instruction is None else self.instruction
 
     def subset(self, idx) -> "Task":
         return dataclasses.replace(self, prompts=tuple(self.prompts[i] for i in idx),
@@ -133,7 +140,7 @@ def _scorer(kind: str) -> Callable[[str, Any], float]:
 
         return sandbox.score_code
     return {"arithmetic": rewards.score_gsm8k, "gsm8k": rewards.score_gsm8k, "math": rewards.score_math,
-            "arc": rewards.score_choice}[kind]
+            "arc": rewards.score_choice, "category": rewards.score_category}[kind]
 
 
 # ---------------------------------------------------------------------------------- records
@@ -306,7 +313,7 @@ def train_val(source: str, n_val: int, seed: int = 0, limit: int | None = None,
 def format_prompt(tokenizer, task: Task, prompt: str) -> tuple[str, bool]:
     """(text, add_special_tokens): the chat template (which adds BOS itself) when the tokenizer has
     one, else the plain prompt, to be encoded with the tokenizer's special tokens."""
-    instr = task.spec.instruction
+    instr = task.instruction_text
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         try:
@@ -322,6 +329,8 @@ def format_prompt(tokenizer, task: Task, prompt: str) -> tuple[str, bool]:
         return prompt, True
     if task.kind == "mbpp":
         return f"{instr}\n\n{prompt}\n", True
+    if task.kind == "category":
+        return f"{instr}\n\nQuestion: {prompt}\nClassification:", True
     label = "Problem" if task.kind == "math" else "Question"
     return f"{instr}\n\n{label}: {prompt}\nAnswer:", True
 

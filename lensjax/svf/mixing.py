@@ -1,0 +1,226 @@
+"""Mixtures of SVF experts and per-row experts in one batched forward pass.
+
+**Mixing.** K experts, each a z per target matrix, are stacked once into an :class:`ExpertSet`
+holding their multipliers g_k = g(z_k) (the quantity each expert was trained through: z itself for
+the ``paper`` parameterisation, the Σσ-preserving sigmoid mask for ``reference``). A mixture with
+weights α — one per expert ([K]) or one per expert per target matrix ([K, M], M = len(paths)) —
+is formed on the multipliers,
+
+    g_α = Σ_k α̂_k g_k,   α̂ = α / Σ_k α_k  (``normalise``, the reference's ``norm_coeffs``),
+
+so a one-hot α gives exactly that expert. ``space="raw_z"`` reproduces the released code instead:
+it mixes the raw z and uses the result as the multiplier without the transform the experts were
+trained with (its ``WeightedCombination.get_mask`` is the identity), keeping only the Σσ rescale
+of the ``reference`` parameterisation — so a one-hot α of a ``reference`` expert does *not* give
+the expert. (With ``paper`` experts, g(z) = z and the two spaces agree.) A zero or negative sum
+with ``normalise`` falls back to equal weights.
+
+**Per-row experts.** :func:`row_params` builds a parameter tree in which batch row b runs its own
+multiplier set: every target leaf keeps W and the shared factors U, Vᵀ of the base decomposition,
+plus ``svf_d`` [L, E, r] (σ ⊙ (g_e − 1) for E distinct sets) and ``svf_rows`` [L, B] (the set of
+each row); the forward pass (``lensjax.models.transformer._dense``) gathers each row's scale, so a
+whole CEM population or a batch of requests routed to different experts is one jitted call —
+never E dense copies of W′. Memory is W + U + Vᵀ once, E × L × r per target for the sets, and the
+activations of the rows; :func:`generate_rows` and :func:`loglik_rows` cut the rows into chunks of
+``max_rows`` (the last one padded, so every chunk has one shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensjax.models.lm import sample_loglik
+from lensjax.models.tree import flatten, nest
+from lensjax.svf import core
+from lensjax.svf.experts import check_expert, load_expert
+
+SPACES = ("multipliers", "raw_z")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSet:
+    """K experts of one base model: names (categories), raw z and multipliers [K, L, r] per path."""
+
+    names: tuple[str, ...]
+    z: dict  # path -> [K, L, r]
+    g: dict  # path -> [K, L, r]
+    parameterisations: tuple[str, ...]
+    max_mults: tuple[float, ...]
+    files: tuple[str, ...] = ()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.g)
+
+    def __len__(self):
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise core.SVFError(f"no expert for category {name!r} (experts: {', '.join(self.names)})")
+        return self.names.index(name)
+
+
+def expert_set(dec: core.Decomposition, experts: Sequence[tuple[str, dict, dict]], files: Sequence[str] = ()) -> ExpertSet:
+    """An :class:`ExpertSet` from ``(name, z, meta)`` triples; each z must match ``dec``."""
+    if not experts:
+        raise core.SVFError("no experts given")
+    names = [n for n, _, _ in experts]
+    if len(set(names)) != len(names):
+        raise core.SVFError(f"duplicate expert names: {names}")
+    zs, gs, params, mults = {p: [] for p in dec.paths}, {p: [] for p in dec.paths}, [], []
+    for name, z, meta in experts:
+        try:
+            check_expert(z, dec)
+        except core.SVFError as exc:
+            raise core.SVFError(f"expert {name!r}: {exc}") from None
+        par, mm = meta.get("parameterisation", "paper"), float(meta.get("max_mult", 1.0))
+        g = core.scales(dec, z, par, mm)
+        for p in dec.paths:
+            zs[p].append(jnp.asarray(z[p], jnp.float32))
+            gs[p].append(jnp.asarray(g[p], jnp.float32))
+        params.append(par)
+        mults.append(mm)
+    return ExpertSet(tuple(names), {p: jnp.stack(v) for p, v in zs.items()}, {p: jnp.stack(v) for p, v in gs.items()},
+                     tuple(params), tuple(mults), tuple(str(f) for f in files))
+
+
+def load_experts(files: Mapping[str, str | os.PathLike], dec: core.Decomposition, params: dict) -> ExpertSet:
+    """Load ``{category: expert file}``; every expert must target ``dec``'s matrices of these
+    base weights (checked by the content hash stored with it)."""
+    triples = []
+    for name, f in files.items():
+        z, meta = load_expert(f)
+        try:
+            check_expert(z, dec, meta, params)
+        except core.SVFError as exc:
+            raise core.SVFError(f"expert {name!r} ({f}): {exc}") from None
+        triples.append((name, z, meta))
+    return expert_set(dec, triples, [str(f) for f in files.values()])
+
+
+def _weights(es: ExpertSet, alpha, normalise: bool) -> jax.Array:
+    """α as [K, M] float32 (M = number of target paths), normalised over K when asked."""
+    a = jnp.asarray(alpha, jnp.float32)
+    K, M = len(es), len(es.paths)
+    if a.ndim == 1:
+        if a.shape[0] != K:
+            raise core.SVFError(f"alpha has {a.shape[0]} weights for {K} experts")
+        a = jnp.broadcast_to(a[:, None], (K, M))
+    elif a.shape != (K, M):
+        raise core.SVFError(f"alpha must be [K={K}] or [K={K}, matrices={M}]; got {tuple(a.shape)}")
+    if normalise:
+        tot = jnp.sum(a, axis=0, keepdims=True)
+        a = jnp.where(tot > 0, a / jnp.where(tot > 0, tot, 1.0), 1.0 / K)
+    return a
+
+
+def mix(es: ExpertSet, dec: core.Decomposition, alpha, *, space: str = "multipliers", normalise: bool = True) -> dict:
+    """Multipliers {path: [L, r]} of the mixture α ([K] or [K, M]); see the module notes."""
+    if space not in SPACES:
+        raise core.SVFError(f"unknown mixing space {space!r}; choose one of {', '.join(SPACES)}")
+    a = _weights(es, alpha, normalise)
+    out = {}
+    for j, p in enumerate(es.paths):
+        if space == "multipliers":
+            out[p] = jnp.tensordot(a[:, j], es.g[p], axes=1)
+        else:
+            if len(set(es.parameterisations)) != 1:
+                raise core.SVFError("raw-z mixing needs experts of one parameterisation; got "
+                                    f"{sorted(set(es.parameterisations))}")
+            m = jnp.tensordot(a[:, j], es.z[p], axes=1)
+            if es.parameterisations[0] == "reference":  # the released code's rescale, no sigmoid
+                s = dec.s[p]
+                m = m * (jnp.sum(s, -1, keepdims=True) / jnp.sum(s * m, -1, keepdims=True))
+            out[p] = m
+    return out
+
+
+def mix_many(es: ExpertSet, dec: core.Decomposition, alphas, *, space: str = "multipliers",
+             normalise: bool = True) -> dict:
+    """Multipliers {path: [P, L, r]} of P mixtures (alphas [P, K] or [P, K, M]), vmapped."""
+    return jax.vmap(lambda a: mix(es, dec, a, space=space, normalise=normalise))(jnp.asarray(alphas, jnp.float32))
+
+
+def with_identity(es: ExpertSet, dec: core.Decomposition) -> dict:
+    """Multiplier sets {path: [K + 1, L, r]}: the K experts, then the base weights (g = 1)."""
+    return {p: jnp.concatenate([es.g[p], jnp.ones_like(dec.s[p])[None]], 0) for p in es.paths}
+
+
+def row_params(params: dict, dec: core.Decomposition, sets: Mapping[str, jax.Array], rows) -> dict:
+    """The tree in which batch row b runs multiplier set ``rows[b]`` of ``sets`` ({path: [E, L, r]})
+    through the factored apply."""
+    rows = jnp.asarray(rows, jnp.int32)
+    flat = dict(flatten(params))
+    E = None
+    for p in dec.paths:
+        g = jnp.asarray(sets[p], jnp.float32)
+        if g.ndim != 3 or g.shape[1:] != dec.s[p].shape:
+            raise core.SVFError(f"multiplier sets for {p} must be [E, {', '.join(map(str, dec.s[p].shape))}]; "
+                                f"got {tuple(g.shape)}")
+        E = g.shape[0] if E is None else E
+        L = g.shape[1]
+        base = p[: -len("/w")]
+        flat[base + "/svf_u"] = dec.u[p]
+        flat[base + "/svf_vt"] = dec.vt[p]
+        flat[base + "/svf_d"] = jnp.swapaxes(dec.s[p][None] * (g - 1.0), 0, 1)  # [L, E, r]
+        flat[base + "/svf_rows"] = jnp.broadcast_to(rows[None], (L, rows.shape[0]))
+    return nest(flat)
+
+
+def _chunks(n: int, max_rows: int | None):
+    size = n if not max_rows or max_rows >= n else int(max_rows)
+    for s in range(0, n, size):
+        yield s, min(s + size, n), size
+
+
+def loglik_rows(model, dec: core.Decomposition, sets, rows, batch: Mapping[str, np.ndarray], *,
+                max_rows: int | None = None, reduce: str = "mean") -> np.ndarray:
+    """Per-row mean (or sum) log-likelihood of the batch's target tokens, row b under set rows[b]
+    (``batch``: ids / attn / target [B, T], as :mod:`lensjax.models.lm`)."""
+    rows = np.asarray(rows, np.int32)
+    out = []
+    for s, e, size in _chunks(len(rows), max_rows):
+        pad = size - (e - s)
+        take = lambda a: np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, 0)], 0)  # noqa: E731
+        b = {k: jnp.asarray(take(np.asarray(v))) for k, v in batch.items()}
+        p = row_params(model.params, dec, sets, take(rows))
+        out.append(np.asarray(_loglik(model.config, p, b, reduce))[: e - s])
+    return np.concatenate(out)
+
+
+_loglik = jax.jit(sample_loglik, static_argnums=(0, 3))
+
+
+def generate_rows(model, dec: core.Decomposition, sets, rows, task, prompts: Sequence[str], *,
+                  max_new_tokens: int, max_rows: int | None = None, on_chunk=None, **kw):
+    """Greedy (or sampled, ``kw``) completions of ``prompts`` (user turns of ``task``), prompt b
+    answered by multiplier set ``rows[b]``; a list of :class:`~lensjax.svf.rollout.Rollout`, one per
+    chunk of ``max_rows`` rows (each trimmed to the real rows)."""
+    from lensjax.svf.rollout import complete
+
+    rows = np.asarray(rows, np.int32)
+    prompts = list(prompts)
+    if len(rows) != len(prompts):
+        raise core.SVFError(f"{len(rows)} row assignments for {len(prompts)} prompts")
+    outs = []
+    for s, e, size in _chunks(len(rows), max_rows):
+        pad = size - (e - s)
+        r = np.concatenate([rows[s:e], np.repeat(rows[e - 1:e], pad)])
+        p = row_params(model.params, dec, sets, r)
+        roll = complete(model, p, task, prompts[s:e] + [prompts[e - 1]] * pad, max_new_tokens=max_new_tokens, **kw)
+        outs.append(_trim(roll, e - s))
+        if on_chunk is not None:
+            on_chunk(e - s)
+    return outs
+
+
+def _trim(roll, n: int):
+    return dataclasses.replace(roll, texts=roll.texts[:n], ids=roll.ids[:n], attn=roll.attn[:n],
+                               target=roll.target[:n], logprobs=roll.logprobs[:n])
