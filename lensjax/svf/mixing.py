@@ -159,6 +159,9 @@ def row_params(params: dict, dec: core.Decomposition, sets: Mapping[str, jax.Arr
     rows = jnp.asarray(rows, jnp.int32)
     flat = dict(flatten(params))
     E = None
+    missing = [p for p in dec.paths if p not in sets]
+    if missing:
+        raise core.SVFError(f"multiplier sets lack the target matrices {missing}")
     for p in dec.paths:
         g = jnp.asarray(sets[p], jnp.float32)
         if g.ndim != 3 or g.shape[1:] != dec.s[p].shape:

@@ -70,7 +70,7 @@ KINDS = {
     "humaneval": Kind("humaneval", "prompt, test, entry_point", "Complete the Python function. Give the complete "
                       "function in one ```python block.", ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"),
                       ("\n```\n",)),
-    # Transformer²'s pass-1 question classification (lensjax.svf.adapt); references are category names
+    # Transformer²'s pass-1 question classification (lensjax.svf.adaptation); references are category names
     "category": Kind("category", "(built from expert tasks)", "", ("}",), ("}",)),
 }
 HUB = {

@@ -161,10 +161,11 @@ def classify(model, params, questions: Sequence[str], categories: Sequence[str],
 
     task = classification_task(questions, categories=categories, instruction=instruction)
     labels, texts, toks = [], [], 0
-    for s in range(0, len(questions), batch):
-        chunk = list(questions[s:s + batch])
+    size = min(batch, len(questions))  # every call has this many rows (the last batch padded): one compile
+    for s in range(0, len(questions), size):
+        chunk = list(questions[s:s + size])
         n = len(chunk)
-        r = complete(model, params, task, chunk + [chunk[-1]] * (batch - n), max_new_tokens=max_new_tokens)
+        r = complete(model, params, task, chunk + [chunk[-1]] * (size - n), max_new_tokens=max_new_tokens)
         texts += r.texts[:n]
         toks += int(r.attn[:n].sum())
         if on_batch is not None:
