@@ -30,3 +30,21 @@ def test_bench_svf_buckets_smoke(tmp_path):
     runs = data["runs"]
     assert runs["bucketed"]["compilations"] == runs["bucketed"]["distinct_shapes"]
     assert all((s[1] - 16) % 16 == 0 for s in runs["bucketed"]["shapes"]) and "exact / bucketed" in out
+
+
+@pytest.mark.slow
+def test_t2_experiment_smoke(tmp_path):
+    data, out = _run("scripts/t2_experiment.py", tmp_path / "t2.json")
+    res = data["results"]
+    for name in ("base", "expert math", "expert reasoning", "expert code", "oracle", "prompt", "classifier", "fewshot"):
+        assert 0 <= res[name]["accuracy"] <= 1, name
+    assert set(res["fewshot"]["alpha"]) == {"math", "reasoning", "code"}
+    assert res["prompt"]["pass1_seconds"] > 0 and "| oracle |" in out
+
+
+def test_bench_cem_smoke(tmp_path):
+    data, out = _run("benchmarks/bench_cem.py", tmp_path / "c.json")
+    tiny = data["results"]["tiny-short"]
+    assert tiny["generate"]["tokens_equal_fraction"] == 1.0  # batched greedy tokens = per-member ones
+    assert tiny["loglik"]["max_abs_loglik_difference"] < 1e-4
+    assert tiny["generate"]["torch per-member"]["batched_speedup"] > 0 and "speed-up of batched" in out
