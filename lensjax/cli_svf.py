@@ -217,7 +217,7 @@ def svf_train_classifier(model: str = typer.Option(..., help="Model folder or hu
     """Train the pass-1 classification expert (REINFORCE, reward: the right category)."""
     from rich.progress import Progress
 
-    from lensjax.svf.adapt import train_classifier
+    from lensjax.svf.adaptation import train_classifier
     from lensjax.svf.tasks import load_task
     from lensjax.svf.trainer import make_config
 
@@ -250,6 +250,7 @@ def svf_adapt(model: str = typer.Option(..., help="Model folder or hub id."),
               n_val: int = typer.Option(50, help="Validation examples for the few-shot choice (the task's validation split, else carved from train)."),
               generations: int = typer.Option(50), pop_size: int = typer.Option(32), elites: int = typer.Option(6),
               per_matrix: bool = typer.Option(False, help="One α per expert per target matrix."),
+              max_rows: Optional[int] = typer.Option(None, help="Rows per batched call of the CEM population (pop × shots), when it does not fit at once."),
               mix_space: str = typer.Option("multipliers", help="multipliers (g(z), default) or raw_z (the reference code's)."),
               split: str = typer.Option("test"), limit: Optional[int] = typer.Option(None),
               instruction: Optional[str] = typer.Option(None, help="Replaces the classification instruction."),
@@ -261,7 +262,7 @@ def svf_adapt(model: str = typer.Option(..., help="Model folder or hub id."),
     from rich.progress import Progress
 
     from lensjax.svf import core, mixing
-    from lensjax.svf.adapt import CLASSIFIER_PREFIX, STRATEGIES, adapt
+    from lensjax.svf.adaptation import CLASSIFIER_PREFIX, STRATEGIES, adapt
     from lensjax.svf.experts import check_expert, load_expert
     from lensjax.svf.tasks import load_task
 
@@ -305,7 +306,8 @@ def svf_adapt(model: str = typer.Option(..., help="Model folder or hub id."),
             res = adapt(m, dec, es, data, strategy, classifier_params=cls_params, shots=shot_set, val=val_set,
                         instruction=instruction, max_new_tokens=max_new_tokens, classify_tokens=classify_tokens,
                         batch=batch, fewshot=dict(generations=generations, pop_size=pop_size, n_elites=elites,
-                                                  per_matrix=per_matrix, space=mix_space, seed=seed),
+                                                  per_matrix=per_matrix, space=mix_space, max_rows=max_rows,
+                                                  seed=seed),
                         on_progress=lambda name, n: prog.advance(bars[name], n))
     except _svf_errors() as exc:
         _fail(exc)

@@ -42,6 +42,7 @@ def test_t2_experiment_smoke(tmp_path):
     assert res["prompt"]["pass1_seconds"] > 0 and "| oracle |" in out
 
 
+@pytest.mark.slow
 def test_bench_cem_smoke(tmp_path):
     data, out = _run("benchmarks/bench_cem.py", tmp_path / "c.json")
     tiny = data["results"]["tiny-short"]
