@@ -286,7 +286,8 @@ def svf_adapt(model: str = typer.Option(..., help="Model folder or hub id."),
             missing = [c for c in cats if c not in es.names]
             if missing:
                 raise core.SVFError(f"the classifier predicts {', '.join(missing)}, which has no expert (give it in --experts)")
-            cdec = dec if mc.get("targets") == metas[es.names[0]].get("targets") else _svf_load(model, mc["targets"], cache_dir)[1]
+            cdec = dec if mc.get("targets") == metas[es.names[0]].get("targets") else core.decompose_params(
+                m.params, mc["targets"], cache_dir=cache_dir if cache_dir is not None else Path(m.path) / ".lensjax-svd")
             check_expert(zc, cdec, mc, m.params)
             cls_params = core.adapted_params(m.params, cdec, zc, mc.get("parameterisation", "paper"), n_tokens=batch,
                                              max_mult=float(mc.get("max_mult", 1.0)))

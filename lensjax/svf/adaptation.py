@@ -160,7 +160,7 @@ def classify(model, params, questions: Sequence[str], categories: Sequence[str],
     from lensjax.svf.rollout import complete
 
     task = classification_task(questions, categories=categories, instruction=instruction)
-    labels, texts, toks = [], [], 0
+    texts, toks = [], 0
     size = min(batch, len(questions))  # every call has this many rows (the last batch padded): one compile
     for s in range(0, len(questions), size):
         chunk = list(questions[s:s + size])
