@@ -16,7 +16,19 @@ sample, over the chosen parameters):
 * :func:`spectrum`, :func:`ntk_stats` — eigenpairs (``eigh``), trace, top eigenvalues, effective
   rank ``(Σλ)²/Σλ²``, condition number.
 * :func:`f_term` — ``F(t) = Σ_k exp(−2ηλ_k t) (u_kᵀ r₀)²`` = ``r₀ᵀ expm(−2ηtK) r₀``: the squared
-  norm of the linearised residual after t gradient-flow steps of size η from r₀ = f₀(X) − y.
+  norm of the linearised residual after t gradient-flow steps of size η from r₀ = f₀(X) − y;
+  :func:`log_f_term` is its logarithm by a log-sum-exp, finite for any t (F itself underflows
+  float64 once 2ηλ_min·t passes ~745).
+* :func:`normalize` — the kernel operator of the *mean* loss, estimated from n probe samples, and
+  the residual per sample (``r₀/√n``, so ``F(0) = mean r₀²``). Gradient descent on the mean loss
+  over the data moves a held-out residual by ``−η E_x'[K(x, x') r(x')]``; ``K/n`` estimates that
+  operator with a self-interaction term ``K(x, x)/n`` that vanishes as n grows (F(t) then depends
+  on n: measured on a tiny Llama, F(100) = 0.67 at n = 16 and 3.8 at n = 64). The default
+  ``"offdiag"`` estimate ``(K − diag K)/(n − 1)`` drops it (a U-statistic; F(100) = 7.3 ± 1.6 at
+  n = 16, 8.4 at n = 64); its negative eigenvalues are clipped to 0 by :func:`spectrum`, so the
+  part of r₀ along them does not decay.
+* :func:`precondition` — ``J diag(p) Jᵀ`` for a diagonal preconditioner p (Adam's
+  ``1/(√v̂ + ε)``): the NTK of preconditioned gradient descent, which is what Adam runs.
 
 All functions are pure and jit-able; vmap them over a leading candidate axis of stacked
 parameters to treat candidates of one shape in one call.
@@ -158,6 +170,61 @@ def ntk_stats(K: Array, top: int = 8) -> dict[str, Array]:
         "condition_number": w[0] / jnp.maximum(w[-1], jnp.finfo(w.dtype).tiny),
         "n": jnp.asarray(K.shape[0]),
     }
+
+
+def normalize(K: Array, r0: Array, mode: str = "offdiag") -> tuple[Array, Array]:
+    """``(Θ, r₀/√n)`` with ``Θ = (K − diag K)/(n − 1)`` (``mode="offdiag"``) or ``K/n``
+    (``"mean"``) for n probe samples (see the module notes)."""
+    n = K.shape[-1]
+    r = r0 / jnp.sqrt(jnp.asarray(n, K.dtype))
+    if mode == "mean":
+        return K / n, r
+    if mode != "offdiag":
+        raise ValueError(f"unknown normalisation {mode!r}; choose offdiag or mean")
+    if n < 2:
+        raise ValueError("the off-diagonal kernel estimate needs at least 2 probe samples")
+    return (K - jnp.diag(jnp.diag(K))) / (n - 1), r
+
+
+def preconditioned_fn(f: ScalarFn) -> ScalarFn:
+    """``g({"base": θ, "scale": √p, "delta": δ}, x) = f(θ + √p ⊙ δ, x)``: its gradient in δ at δ = 0 is
+    ``J diag(√p)``, so :func:`ntk_exact` of ``g`` over ``delta`` (``mask=precondition_mask(θ)``) is
+    ``J diag(p) Jᵀ``. Pass the parameters built by :func:`precondition`."""
+    return _Preconditioned(f)
+
+
+class _Preconditioned:
+    def __init__(self, f):
+        self.f = f
+
+    def __call__(self, params, example):
+        theta = jax.tree.map(lambda b, s, d: b + s * d, params["base"], params["scale"], params["delta"])
+        return self.f(theta, example)
+
+    def __hash__(self):
+        return hash((_Preconditioned, self.f))
+
+    def __eq__(self, other):
+        return isinstance(other, _Preconditioned) and other.f == self.f
+
+
+def precondition(params, p):
+    """(parameters, mask) for :func:`preconditioned_fn`: ``p`` is a pytree like ``params`` of
+    positive per-parameter scales (the diagonal of the preconditioner)."""
+    full = {"base": params, "scale": jax.tree.map(jnp.sqrt, p), "delta": jax.tree.map(jnp.zeros_like, params)}
+    mask = {"base": jax.tree.map(lambda _: False, params), "scale": jax.tree.map(lambda _: False, params),
+            "delta": jax.tree.map(lambda _: True, params)}
+    return full, mask
+
+
+def log_f_term(eigvals: Array, eigvecs: Array, r0: Array, eta, t) -> Array:
+    """log F(t) = logsumexp_k(−2 η λ_k t + log (u_kᵀ r₀)²), for scalar or array ``t`` (broadcast).
+    Finite for every t as long as r₀ has a component along some eigenvector; −inf only if r₀ = 0.
+    Use float64 inputs (``jax.enable_x64``) for eigenvalues resolved below float32's precision."""
+    proj2 = (eigvecs.T @ r0) ** 2  # [n]
+    t = jnp.asarray(t, eigvals.dtype)
+    logp = jnp.where(proj2 > 0, jnp.log(jnp.where(proj2 > 0, proj2, 1.0)), -jnp.inf)
+    return jax.nn.logsumexp(-2.0 * eta * eigvals * t[..., None] + logp, axis=-1)
 
 
 def f_term(eigvals: Array, eigvecs: Array, r0: Array, eta, t) -> Array:

@@ -166,11 +166,27 @@ def select_cmd(
     max_len: int = typer.Option(128, help="Truncate prompt+target to this many tokens."),
     n_probe: int = typer.Option(32, help="NTK probe samples per candidate."),
     ntk_mode: str = typer.Option("exact", help="exact (vmap-grad) or sketch (random-tangent JVPs)."),
+    ntk_kernel: str = typer.Option("plain", help="plain J·Jᵀ or adam: J·diag(1/(√v̂+ε))·Jᵀ after a 10-step Adam warm-up."),
+    schedule: str = typer.Option("cosine", help="Fine-tuning lr decay after the warm-up: cosine, linear or constant."),
+    warmup: float = typer.Option(0.1, help="Linear warm-up, as a fraction of t(D)."),
+    patience: int = typer.Option(3, help="Early stopping: development evaluations without improvement (0: off)."),
+    eval_every: int = typer.Option(0, help="Steps between development evaluations (0: t(D)/10)."),
+    n_dev: int = typer.Option(200, help="Development examples for early stopping, held out of the training pool."),
+    n_eval: Optional[int] = typer.Option(None, help="Held-out examples (default: the dataset's validation split capped at 1,000, else 10% up to 500), drawn with a fixed seed."),
 ) -> None:
     """Rank candidate models by their predicted fine-tuning loss at the target size."""
     if models is not None:
+        from lensjax.selection.finetune import FinetuneConfig
+
+        try:
+            ft = FinetuneConfig(lr=lr, batch_size=batch_size, epochs=epochs, min_steps=min_steps, max_len=max_len,
+                                schedule=schedule, warmup=warmup, patience=patience, eval_every=eval_every,
+                                n_dev=n_dev)
+        except ValueError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}")
+            raise typer.Exit(2)
         _pipeline_cmd(models, dataset, budget, target_size, method or "lensllm", base, prompt_column, target_column,
-                      curves_out, ntk_out, lr, batch_size, epochs, min_steps, max_len, n_probe, ntk_mode, json_out)
+                      curves_out, ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out)
         return
     method = method or DEFAULT_METHOD
     try:
@@ -211,25 +227,23 @@ def select_cmd(
 
 
 def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_column, target_column, curves_out,
-                  ntk_out, lr, batch_size, epochs, min_steps, max_len, n_probe, ntk_mode, json_out):
+                  ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lensjax.selection import pipeline
     from lensjax.selection.data import DataError
-    from lensjax.selection.finetune import FinetuneConfig
-
     if dataset is None or not budget:
         console.print("[bold red]error:[/bold red] --models needs --dataset and --budget")
         raise typer.Exit(2)
     names = [m.strip() for m in models.split(",") if m.strip()]
-    ft = FinetuneConfig(lr=lr, batch_size=batch_size, epochs=epochs, min_steps=min_steps, max_len=max_len)
-    ntk_cfg = pipeline.NTKConfig(n_probe=n_probe, mode=ntk_mode)
+    ntk_cfg = pipeline.NTKConfig(n_probe=n_probe, mode=ntk_mode, kernel=ntk_kernel)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     try:
         res = pipeline.run(names, dataset, budget=int(budget[0]), target_size=int(target_size), method=method,
                            base=int(base), ft=ft, ntk_cfg=ntk_cfg, prompt_column=prompt_column,
-                           target_column=target_column, curves_out=curves_out, ntk_out=ntk_out, progress=progress)
+                           target_column=target_column, curves_out=curves_out, ntk_out=ntk_out, progress=progress,
+                           n_eval=n_eval)
     except (DataError, selectors.SelectionError, CurvesError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         if Path(curves_out).exists():
@@ -243,14 +257,16 @@ def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_col
     console.print(t)
     if "ntk" in res:
         nt = Table(title="NTK statistics")
-        for col in ("model", "trace", "top eigenvalue", "effective rank", "condition", "|r0|²"):
+        for col in ("model", "trace (K/n)", "top eigenvalue", "effective rank", "condition", "F(0)", "log F(target)"):
             nt.add_column(col)
         for m, st in res["ntk"].items():
             nt.add_row(m, f"{st['trace']:.3g}", f"{st['top_eigenvalues'][0]:.3g}", f"{st['effective_rank']:.2f}",
-                       f"{st['condition_number']:.3g}", f"{st['r0_norm2']:.3g}")
+                       f"{st['condition_number']:.3g}", f"{st['F0']:.3g}", f"{st['log_F_target']:.3g}")
         console.print(nt)
-    console.print(f"curves: {res['curves_csv']} · cost {100 * res['cost_fraction']:.2f}% of full fine-tuning "
-                  f"({res['flops']:.3g} of {res['full_flops']:.3g} FLOPs)")
+    c = res["cost"]
+    console.print(f"curves: {res['curves_csv']} · cost {100 * res['cost_fraction']:.2f}% of fine-tuning every candidate "
+                  f"at the target (training {100 * c['train_fraction']:.2f}%, evaluation {100 * c['eval_fraction']:.2f}%, "
+                  f"NTK {100 * c['ntk_fraction']:.2f}%; {res['flops']:.3g} of {res['full_flops']:.3g} FLOPs)")
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(res, indent=2) + "\n")
         console.print(f"wrote {json_out}")

@@ -56,7 +56,7 @@ def pretrain(model, task, steps: int = 80):
 
     tok = tokenize(model.tokenizer, Pairs(task.prompts, task.references), 32)
     p, _ = finetune(model.config, model.params, tok, np.arange(len(tok)), len(tok),
-                    FinetuneConfig(lr=3e-3, batch_size=16, min_steps=1, epochs=steps * 16 / len(tok)))
+                    FinetuneConfig(lr=3e-3, batch_size=16, min_steps=1, epochs=steps * 16 / len(tok), schedule="constant", warmup=0.0))
     return dataclasses.replace(model, params=p)
 
 

@@ -147,6 +147,7 @@ def pretrain(model, prompts, targets, steps: int, seed: int = 0):
     tok = tokenize(model.tokenizer, Pairs(tuple(prompts), tuple(targets)), 192)
     p, _ = finetune(model.config, model.params, tok, np.arange(len(tok)), len(tok),
                     FinetuneConfig(lr=3e-3, batch_size=32, min_steps=1, epochs=steps * 32 / len(tok), max_len=192,
+                                   schedule="constant", warmup=0.0,
                                    seed=seed))
     return dataclasses.replace(model, params=p)
 

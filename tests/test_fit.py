@@ -59,9 +59,16 @@ def test_vanilla_and_lensllm_recover_exact_curves():
     F = np.exp(rng.uniform(0, 3, (n, SIZES.size)))
     B2, beta2, E2 = np.exp(rng.uniform(1, 4, n)), rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 1.0, n)
     loss2 = B2[:, None] / (F + SIZES[None] ** beta2[:, None]) + E2[:, None]
-    fit2 = fit_curves("lensllm", np.broadcast_to(SIZES, loss2.shape), loss2, extra=F)
+    fit2 = fit_curves("lensllm_fixed", np.broadcast_to(SIZES, loss2.shape), loss2, extra=np.log(F))
     assert np.all(fit2.objective < 1e-18)
     np.testing.assert_allclose(fit2.params["beta"], beta2, rtol=1e-5)
+    # The scaled law D_l = s·F recovers s, also when F spans 300 orders of magnitude (log F given).
+    s = np.exp(rng.uniform(-2, 2, n))
+    log_f = np.log(F) - np.linspace(0, 700, SIZES.size)[None, :]
+    loss3 = B2[:, None] / (s[:, None] * np.exp(log_f) + SIZES[None] ** beta2[:, None]) + E2[:, None]
+    fit3 = fit_curves("lensllm", np.broadcast_to(SIZES, loss3.shape), loss3, extra=log_f, n_starts=16)
+    assert np.all(fit3.objective < 1e-16), fit3.objective
+    np.testing.assert_allclose(fit3.params["s"], s, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -139,5 +146,6 @@ def test_fit_input_errors():
     bad = loss.copy(); bad[0, 3] = np.nan
     with pytest.raises(ValueError, match="finite"):
         fit_curves("rectified", d, bad, np.ones_like(d, bool))
-    assert set(LAWS) == {"rectified", "vanilla", "lensllm", "rectified_nofloor", "lensllm_nofloor"}
+    assert set(LAWS) == {"rectified", "vanilla", "lensllm", "lensllm_fixed", "lensllm_tfit", "rectified_nofloor",
+                         "lensllm_nofloor"}
     assert len(RATIOS) == 7

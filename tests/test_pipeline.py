@@ -111,3 +111,72 @@ def test_bad_inputs_keep_partial_results(zoo, tmp_path):
     res = CliRunner().invoke(app, ["select", "--models", f"{dirs[0]},{root / 'nope'}", "--dataset", data,
                                    "--budget", "50", "--base", "25", "--curves-out", str(out), "--method", "ats"])
     assert res.exit_code == 2 and "cannot be loaded" in res.output and "measurements made so far" in res.output
+
+
+def test_resumed_curves_with_uneven_sizes_fit_what_is_there(zoo, tmp_path):
+    """A curves CSV where one model has a size the other lacks (a resumed run with a larger budget)
+    used to crash with a KeyError in store.steps; now the selection fits what is measured."""
+    dirs, data, _ = zoo
+    out = tmp_path / "uneven.csv"
+    kw = dict(target_size=800, base=25, ft=FT, curves_out=out)
+    pipeline.run(dirs[:1], data, budget=200, method="ats", n_eval=20, **kw)  # model 0: 0, 25, ..., 200
+    res = pipeline.run(dirs[:2], data, budget=100, method="lensllm", n_eval=20, **kw)  # model 1 only up to 100
+    assert sorted(res["ranking"]) == sorted(dirs[:2]) and all(np.isfinite(list(res["predicted"].values())))
+    assert res["steps"][dirs[1]] == {"0": 0, "25": 5, "50": 7, "100": 13} and "200" in res["steps"][dirs[0]]
+    # A cell without its .meta.json entry is a clear SelectionError, not a KeyError.
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    del meta[dirs[1]]["sizes"]["50"]
+    out.with_name(out.name + ".meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SelectionError, match="disagree"):
+        pipeline.run(dirs[:2], data, budget=100, method="lensllm", n_eval=20, **kw)
+
+
+def test_early_stopping_records_its_step_and_cost_counts_eval_and_ntk(zoo, tmp_path):
+    dirs, data, _ = zoo
+    ft = FinetuneConfig(lr=3e-2, batch_size=8, min_steps=5, epochs=6, patience=1, eval_every=3, n_dev=40)
+    out = tmp_path / "es.csv"
+    res = pipeline.run(dirs[1:2], data, budget=50, target_size=800, method="lensllm_reference", base=25, ft=ft,
+                       curves_out=out, n_eval=30)
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())[dirs[1]]["sizes"]
+    for d in ("25", "50"):
+        cell = meta[d]
+        assert cell["planned_steps"] == ft.steps(int(d)) and cell["steps"] <= cell["steps_run"] <= cell["planned_steps"]
+        assert cell["dev_evals"] >= 1 and cell["n_dev"] == 40 and cell["protocol"]["patience"] == 1
+        assert cell["protocol"]["schedule"] == "cosine" and cell["n_eval"] == 30
+    assert any(meta[d]["steps"] < meta[d]["planned_steps"] for d in ("25", "50")), meta  # lr 3e-2 overfits
+    c = res["cost"]
+    assert c["eval_flops"] > 0 and c["ntk_flops"] > 0 and c["train_flops"] > 0
+    assert res["flops"] == pytest.approx(c["train_flops"] + c["eval_flops"] + c["ntk_flops"])
+    assert res["n_heldout"] == 30 and res["n_dev"] == 40
+
+
+def test_validation_split_is_capped_with_a_fixed_seed(tmp_path):
+    import datasets
+
+    d = tmp_path / "ds"
+    rows = [{"input": f"{i}+1=", "target": str(i + 1)} for i in range(50)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:20]),
+                          "validation": datasets.Dataset.from_list(rows[20:])}).save_to_disk(str(d))
+    f = tmp_path / "val.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from lensjax.selection import data as data_mod
+
+    tr, held = load_pairs(str(f), n_eval=7, seed=3)
+    assert len(held) == 7 and len(tr) == 43
+    # A dataset with its own validation split: capped to n_eval, the same draw every time.
+    orig = data_mod.MAX_HELD_OUT
+    try:
+        data_mod.MAX_HELD_OUT = 12
+        import datasets as ds_mod
+
+        real = ds_mod.load_dataset
+        ds_mod.load_dataset = lambda *a, **k: ds_mod.load_from_disk(str(d))
+        try:
+            a = load_pairs("some/hub-dataset", seed=1)[1]
+            b = load_pairs("some/hub-dataset", seed=1)[1]
+            c = load_pairs("some/hub-dataset", seed=1, n_eval=5)[1]
+        finally:
+            ds_mod.load_dataset = real
+    finally:
+        data_mod.MAX_HELD_OUT = orig
+    assert len(a) == 12 and a == b and len(c) == 5 and set(a.prompts) <= {r["input"] for r in rows[20:]}

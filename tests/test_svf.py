@@ -148,7 +148,7 @@ def pretrained(tiny):
     val, test = rest.split(200)
     tok = tokenize(tiny.tokenizer, Pairs(tr.prompts, tr.references), 32)
     p, _ = finetune(tiny.config, tiny.params, tok, np.arange(len(tok)), len(tok),
-                    FinetuneConfig(lr=3e-3, batch_size=16, min_steps=1, epochs=80 * 16 / len(tok)))
+                    FinetuneConfig(lr=3e-3, batch_size=16, min_steps=1, epochs=80 * 16 / len(tok), schedule="constant", warmup=0.0))
     return dataclasses.replace(tiny, params=p), tr, val, test
 
 

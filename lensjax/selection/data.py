@@ -10,6 +10,7 @@ import numpy as np
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 LENGTH_BUCKET = 16
+MAX_HELD_OUT = 1000  # default cap of a dataset's own validation/test split
 
 
 class DataError(ValueError):
@@ -32,8 +33,9 @@ def load_pairs(name_or_path: str, *, prompt_column: str = "input", target_column
                split: str = "train", eval_split: str | None = None, n_eval: int | None = None,
                seed: int = 0) -> tuple[Pairs, Pairs]:
     """(train, held-out) pairs. The held-out split is ``eval_split``, else the dataset's
-    "validation" or "test" split, else ``n_eval`` examples (default 10%, at most 500) split off
-    the training data with a fixed seed."""
+    "validation" or "test" split, capped at ``n_eval`` examples (default 1,000) drawn with the fixed
+    ``seed``; else ``n_eval`` examples (default 10%, at most 500) split off the training data with
+    the fixed seed."""
     import datasets
 
     p = Path(name_or_path)
@@ -69,6 +71,11 @@ def load_pairs(name_or_path: str, *, prompt_column: str = "input", target_column
         held = pairs(ds[held_name])
         if len(held) == 0:
             raise DataError(f"dataset {name_or_path!r} split {held_name!r} is empty")
+        cap = MAX_HELD_OUT if n_eval is None else n_eval
+        if cap <= 0:
+            raise DataError(f"n_eval must be > 0; got {cap}")
+        if len(held) > cap:
+            held = held.take(np.sort(np.random.default_rng(seed).permutation(len(held))[:cap]))
         return pairs(train), held
     allp = pairs(train)
     n = len(allp)

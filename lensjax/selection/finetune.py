@@ -6,7 +6,12 @@ target-token loss on the held-out split. Steps rule (documented, configurable):
 
     t(D) = max(min_steps, ceil(epochs · D / batch_size))
 
-i.e. ``epochs`` passes over the D examples in batches of ``batch_size``. Batches are right padded
+i.e. ``epochs`` passes over the D examples in batches of ``batch_size``. The learning rate warms
+up linearly over ``warmup`` × t steps and then decays to ``final_lr`` × η (``schedule`` cosine,
+linear or constant); it is fed to the jitted step as an argument (``optax.inject_hyperparams``), so
+sizes of different t share one compiled step. With ``patience > 0`` and a development split, the
+run evaluates it every ``eval_every`` steps (0: t/10), stops after ``patience`` evaluations without
+improvement and returns the best weights; their step is the t that is recorded. Batches are right padded
 to a length bucket (multiples of 16), so the jitted train step compiles once per bucket, not per
 size. Results go to a :class:`CurvesStore`, rewritten atomically after every (candidate, size), so a
 killed run resumes where it stopped and loses nothing.
@@ -45,9 +50,38 @@ class FinetuneConfig:
     max_len: int = 128
     eval_batch_size: int = 32
     seed: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after the warm-up)
+    warmup: float = 0.1  # fraction of t(D)
+    final_lr: float = 0.0  # fraction of lr at the end of the decay
+    patience: int = 0  # early stopping: evaluations without improvement (0: off)
+    eval_every: int = 0  # steps between development evaluations (0: max(1, t // 10))
+    n_dev: int = 200  # development examples held out of the training pool (with patience > 0)
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant; got {self.schedule!r}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.final_lr <= 1:
+            raise ValueError("need 0 <= warmup < 1 and 0 <= final_lr <= 1")
+        if self.patience < 0 or self.eval_every < 0 or self.n_dev < 0:
+            raise ValueError("patience, eval_every and n_dev must be >= 0")
 
     def steps(self, d: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * d / self.batch_size))
+
+    def lr_at(self, i: int, t: int) -> float:
+        """Learning rate of step i (0-based) of a t-step run."""
+        w = int(round(self.warmup * t))
+        if i < w:
+            return self.lr * (i + 1) / w
+        if self.schedule == "constant" or t - w <= 1:
+            return self.lr
+        u = (i - w) / (t - w - 1)
+        frac = 0.5 * (1 + math.cos(math.pi * u)) if self.schedule == "cosine" else 1.0 - u
+        return self.lr * (self.final_lr + (1.0 - self.final_lr) * frac)
+
+    def record(self) -> dict:
+        """The protocol, for the curves' ``.meta.json``."""
+        return dataclasses.asdict(self)
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation):
@@ -60,6 +94,24 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 def adamw(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """One optimiser object per setting, so the jitted step (keyed on it) compiles once."""
     return optax.adamw(lr, weight_decay=weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def scheduled_adamw(weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """AdamW whose learning rate is a state entry set per step (one compile for every schedule)."""
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def _scheduled_step(config, optimizer):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch, lr):
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+        loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,15 +157,22 @@ def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32,
 
 
 def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d: int, ft: FinetuneConfig,
-             pad_id: int = 0, on_step=None):
-    """Fine-tune a copy of ``params`` on examples ``order[:d]``; returns (params, steps)."""
+             pad_id: int = 0, on_step=None, dev: Tokenized | None = None, history: list | None = None):
+    """Fine-tune a copy of ``params`` on examples ``order[:d]``; returns (params, steps).
+
+    With ``ft.patience > 0`` and ``dev`` given, stops early on the development loss and returns
+    the best weights and their step. ``history`` (a list) receives ``(step, dev loss)`` pairs.
+    """
     if d > len(order):
         raise ValueError(f"size {d} exceeds the {len(order)} training examples")
-    opt = adamw(ft.lr, ft.weight_decay)
-    step = make_train_step(config, opt)
+    opt = scheduled_adamw(ft.weight_decay)
+    step = _scheduled_step(config, opt)
     p = jax.tree.map(jnp.copy, params)  # the pretrained weights stay untouched (donation)
     state = opt.init(p)
     t = ft.steps(d)
+    early = ft.patience > 0 and dev is not None and len(dev) > 0
+    every = ft.eval_every or max(1, t // 10)
+    best, best_t, best_p, bad = math.inf, 0, None, 0
     rng = np.random.default_rng(ft.seed + d)
     pool = np.asarray(order[:d])
     max_len = bucket(max(len(data.ids[i]) for i in pool))
@@ -130,9 +189,23 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
             pos += ft.batch_size
         if len(take) < ft.batch_size:  # d < batch size: repeat examples
             take = np.resize(take, ft.batch_size)
-        p, state, loss = step(p, state, make_batch(data, take, pad_id, length=max_len))
+        p, state, loss = step(p, state, make_batch(data, take, pad_id, length=max_len),
+                              jnp.asarray(ft.lr_at(i, t), jnp.float32))
         if on_step is not None:
             on_step(i, loss)
+        if early and ((i + 1) % every == 0 or i + 1 == t):
+            dl = evaluate(config, p, dev, ft.eval_batch_size, pad_id)
+            if history is not None:
+                history.append((i + 1, dl))
+            if dl < best:
+                best, best_t, bad = dl, i + 1, 0
+                best_p = jax.tree.map(jnp.copy, p)
+            else:
+                bad += 1
+                if bad >= ft.patience:
+                    break
+    if early and best_p is not None:
+        return best_p, best_t
     return p, t
 
 
@@ -156,10 +229,12 @@ class CurvesStore:
         return size in self.loss.get(model, {})
 
     def record(self, model: str, size: int, loss: float, *, steps: int, lr: float, params: int | None = None,
-               family: str | None = None, tokens_per_sample: float | None = None):
+               family: str | None = None, tokens_per_sample: float | None = None, **extra):
+        """One measurement; ``extra`` (steps planned, development evaluations, samples seen, the
+        protocol) goes into the ``.meta.json`` cell as it is."""
         self.loss.setdefault(model, {})[int(size)] = float(loss)
         m = self.meta.setdefault(model, {"sizes": {}})
-        m["sizes"][str(int(size))] = {"steps": int(steps), "lr": float(lr)}
+        m["sizes"][str(int(size))] = {"steps": int(steps), "lr": float(lr)} | extra
         if params is not None:
             m["params"] = int(params)
         if family is not None:
@@ -184,4 +259,12 @@ class CurvesStore:
         return read_curves(self.path)
 
     def steps(self, model: str, size: int) -> int:
-        return int(self.meta[model]["sizes"][str(int(size))]["steps"])
+        """Optimiser steps t of the measurement (the early-stopping step when it stopped early)."""
+        try:
+            return int(self.meta[model]["sizes"][str(int(size))]["steps"])
+        except KeyError:
+            raise KeyError(f"{self.meta_path}: no steps recorded for {model!r} at size {int(size)}; the curves "
+                           "CSV and its .meta.json disagree (delete both to re-measure)") from None
+
+    def cell(self, model: str, size: int) -> dict:
+        return dict(self.meta.get(model, {}).get("sizes", {}).get(str(int(size)), {}))

@@ -51,11 +51,11 @@ def _validate(law, d, loss, mask, extra):
         raise ValueError(f"the {law.name} law is undefined at D = 0; mask the zero-shot point out")
     if law.uses_extra:
         if extra is None:
-            raise ValueError(f"the {law.name} law needs its per-point term (F)")
+            raise ValueError(f"the {law.name} law needs its per-point term (log F)")
         extra = np.broadcast_to(np.asarray(extra, np.float64), d.shape)
-        if np.any(mask & ~(np.isfinite(extra) & (extra >= 0))):
-            raise ValueError("F must be finite and >= 0")
-        if np.any(mask & (d == 0) & (extra == 0)):
+        if np.any(mask & (np.isnan(extra) | (extra == np.inf))):
+            raise ValueError("log F must be a number or -inf (F = 0) at every fitted point")
+        if np.any(mask & (d == 0) & (extra == -np.inf)):
             raise ValueError("F = 0 with D = 0 makes the LensLLM law infinite")
     else:
         extra = np.zeros_like(d)
@@ -108,7 +108,7 @@ def fit_curves(
       d: [N, M] data sizes (may contain 0 for the zero-shot point if the law allows it).
       loss: [N, M] measured losses (> 0 where masked in).
       mask: [N, M] which points exist (default: finite losses).
-      extra: [N, M] per-point side input (the LensLLM F term).
+      extra: [N, M] per-point side input (the LensLLM log F).
       n_starts: seeded multi-start count per curve; ``seed`` makes it reproducible.
       screen_steps: steps every start runs before only each curve's best start goes on (0: all
         starts run to convergence); see :func:`lensjax.kernels.lsq.fit_arrays`.

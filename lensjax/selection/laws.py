@@ -11,12 +11,15 @@ nothing is clipped.
   code fits the equivalent log-space form ``L = (A − E) / (1 + exp(b)·D^β) + E`` with the
   zero-shot point at D = 1e-10; the two are the same law with ``A = L(0) = B/D_l + E``,
   ``b = −log D_l`` and ``A − E = B/D_l`` (see :func:`rectified_reference_form`).
-* **lensllm** (Zeng et al., ICML 2025): ``L(D) = B / (F + D^β) + E`` where ``F = F(Θ, t)`` is an
-  NTK-based term given per curve or per (curve, size), not fitted. With F fitted as a free
-  constant it is the rectified law.
+* **LensLLM** (Zeng et al., ICML 2025): ``L(D) = B / (D_l(D) + D^β) + E`` with the pre-learned
+  data size tied to the NTK term ``F = F(Θ, t)`` (given, as ``log F``, per curve or per point):
+  ``lensllm`` has ``D_l = s·F`` with a scale s (the joint fit ties it across candidates, so F
+  carries information between them and a common rescaling of F changes nothing);
+  ``lensllm_fixed`` has ``D_l = F`` as it is; ``lensllm_tfit`` has ``D_l = F(t)`` with t fitted per
+  curve, i.e. ``D_l = F(0)·e^(−q)`` bounded by F(0), the reference's prediction mode.
 
 A law also supplies seeded, data-driven starting points: for sampled (β, E) the remaining
-parameters follow from a weighted linear regression (``1/(L − E)`` is linear in ``D^β`` for the
+parameters follow from a weighted linear regression (``1/(L − E)`` is linear in ``D^β`` (and F) for the
 rectified and LensLLM laws), which puts every start near the right basin.
 """
 
@@ -45,7 +48,7 @@ class Law:
     log_predict: Callable[[Array, Array, Array], Array]
     init: Callable[..., Array]
     allows_zero: bool  # may D = 0 (the zero-shot point) be fitted?
-    uses_extra: bool  # does it read a per-point side input (the LensLLM F)?
+    uses_extra: bool  # does it read a per-point side input (the LensLLM log F)?
 
     @property
     def n_params(self) -> int:
@@ -165,17 +168,73 @@ VANILLA = Law(
 )
 
 
-# ---------------------------------------------------------------- LensLLM: B, beta, E (F given)
-def _lensllm_log_predict(theta, d, f):
+# ------------------------------------------------------------------------- LensLLM (F given)
+# The side input of every LensLLM law is log F, per point: F spans hundreds of orders of magnitude
+# once t(D) is large (F = Σ_k exp(−2ηλ_k t)(u_kᵀr₀)²), so it is carried in log space and never
+# underflows; log F = −inf (F = 0) is allowed at D > 0.
+def _lensllm_scaled_log_predict(theta, d, log_f):
+    """B/(s·F + D^β) + E: D_l = s·F with the scale s fitted (tied across candidates by the joint fit)."""
+    b, s, c, e = theta[0], theta[1], theta[2], theta[3]
+    log_denom = jnp.logaddexp(s + log_f, _log_d_pow(jnp.exp(c), d))
+    return jnp.logaddexp(b - log_denom, e)
+
+
+def _two_regressor(x1, x2, z, w):
+    """Weighted least squares z ≈ a·x1 + b·x2 through the origin (2×2 normal equations)."""
+    s11, s12, s22 = jnp.sum(w * x1 * x1), jnp.sum(w * x1 * x2), jnp.sum(w * x2 * x2)
+    r1, r2 = jnp.sum(w * x1 * z), jnp.sum(w * x2 * z)
+    det = s11 * s22 - s12 * s12
+    ok = det > 1e-12 * jnp.maximum(s11 * s22, 1e-300)
+    a = jnp.where(ok, (r1 * s22 - r2 * s12) / jnp.where(ok, det, 1.0), 0.0)
+    b = jnp.where(ok, (r2 * s11 - r1 * s12) / jnp.where(ok, det, 1.0), 0.0)
+    return a, b
+
+
+def _lensllm_scaled_init(key, d, logl, mask, log_f, n_starts):
+    w = mask.astype(logl.dtype)
+    beta, e = _sample_beta_e(key, logl, w, n_starts, 0.1, 1.5)
+    # Regress on F / F_ref with F_ref the largest F of the curve, so the starts are exactly
+    # equivariant under a common rescaling of F (s moves by the inverse factor, nothing else).
+    ref = jnp.max(jnp.where(w > 0, log_f, -jnp.inf))
+    ref = jnp.where(jnp.isfinite(ref), ref, 0.0)
+    f_rel = jnp.exp(jnp.where(w > 0, log_f, -jnp.inf) - ref)
+
+    def one(beta_s, e_s):
+        d_pow = jnp.where(d > 0, jnp.exp(beta_s * _safe_log(d)), 0.0)
+        z = 1.0 / jnp.maximum(jnp.exp(logl) - e_s, 1e-12)
+        # 1/(L − E) = (s·F + D^β)/B = a·F_rel + b·D^β with b = 1/B and a = s·F_ref/B.
+        a, b = _two_regressor(f_rel, d_pow, z, w)
+        b_fb = jnp.sum(w * d_pow * z) / jnp.maximum(jnp.sum(w * d_pow * d_pow), 1e-30)
+        b = jnp.where(b > 0, b, jnp.where(b_fb > 0, b_fb, 1.0))
+        dpm = jnp.sum(w * d_pow) / jnp.maximum(jnp.sum(w), 1.0)
+        a = jnp.where(a > 0, a, 1e-2 * b * jnp.maximum(dpm, 1e-6))
+        log_s = jnp.log(a / b) - ref
+        return jnp.stack([-jnp.log(b), log_s, jnp.log(beta_s), jnp.log(e_s)])
+
+    return jax.vmap(one)(beta, e)
+
+
+LENSLLM = Law(
+    name="lensllm",
+    param_names=("B", "s", "beta", "E"),
+    log_predict=_lensllm_scaled_log_predict,
+    init=_lensllm_scaled_init,
+    allows_zero=True,
+    uses_extra=True,
+)
+
+
+def _lensllm_fixed_log_predict(theta, d, log_f):
+    """B/(F + D^β) + E with F given as it is (no scale)."""
     b, c, e = theta[0], theta[1], theta[2]
-    log_f = jnp.where(f > 0, _safe_log(f), -jnp.inf)
     log_denom = jnp.logaddexp(log_f, _log_d_pow(jnp.exp(c), d))  # log(F + D^β)
     return jnp.logaddexp(b - log_denom, e)
 
 
-def _lensllm_init(key, d, logl, mask, f, n_starts):
+def _lensllm_fixed_init(key, d, logl, mask, log_f, n_starts):
     w = mask.astype(logl.dtype)
     beta, e = _sample_beta_e(key, logl, w, n_starts, 0.1, 1.5)
+    f = jnp.exp(jnp.where(w > 0, log_f, -jnp.inf))
 
     def one(beta_s, e_s):
         x = jnp.where(d > 0, jnp.exp(beta_s * _safe_log(d)), 0.0) + f
@@ -188,11 +247,37 @@ def _lensllm_init(key, d, logl, mask, f, n_starts):
     return jax.vmap(one)(beta, e)
 
 
-LENSLLM = Law(
-    name="lensllm",
+LENSLLM_FIXED = Law(
+    name="lensllm_fixed",
     param_names=("B", "beta", "E"),
-    log_predict=_lensllm_log_predict,
-    init=_lensllm_init,
+    log_predict=_lensllm_fixed_log_predict,
+    init=_lensllm_fixed_init,
+    allows_zero=True,
+    uses_extra=True,
+)
+
+
+def _lensllm_tfit_log_predict(theta, d, log_f0):
+    """B/(F(t) + D^β) + E with t fitted: F(t) runs monotonically from F(0) down, so D_l = F(t) is
+    parameterised as D_l = F(0)·exp(−q), q > 0 (q = 2ηλt for a single eigen-mode): D_l < F(0)."""
+    b, q, c, e = theta[0], theta[1], theta[2], theta[3]
+    log_denom = jnp.logaddexp(log_f0 - jnp.exp(q), _log_d_pow(jnp.exp(c), d))
+    return jnp.logaddexp(b - log_denom, e)
+
+
+def _lensllm_tfit_init(key, d, logl, mask, log_f0, n_starts):
+    th = _rectified_init(key, d, logl, mask, None, n_starts)  # (B, D_l, β, E)
+    lf0 = jnp.max(jnp.where(mask, log_f0, -jnp.inf))
+    # D_l from the rectified start, pushed below F(0): q = log F(0) − log D_l (at least 1e-2).
+    q = jnp.maximum(lf0 - th[:, 1], 1e-2)
+    return th.at[:, 1].set(jnp.log(q))
+
+
+LENSLLM_TFIT = Law(
+    name="lensllm_tfit",
+    param_names=("B", "q", "beta", "E"),
+    log_predict=_lensllm_tfit_log_predict,
+    init=_lensllm_tfit_init,
     allows_zero=True,
     uses_extra=True,
 )
@@ -231,26 +316,27 @@ RECTIFIED_NOFLOOR = Law(
 )
 
 
-def _lensllm_nofloor_log_predict(theta, d, f):
-    b, c = theta[0], theta[1]
-    log_f = jnp.where(f > 0, _safe_log(f), -jnp.inf)
-    return b - jnp.logaddexp(log_f, _log_d_pow(jnp.exp(c), d))
+def _lensllm_nofloor_log_predict(theta, d, log_f):
+    b, s, c = theta[0], theta[1], theta[2]
+    return b - jnp.logaddexp(s + log_f, _log_d_pow(jnp.exp(c), d))
 
 
-def _lensllm_nofloor_init(key, d, logl, mask, f, n_starts):
-    return _lensllm_init(key, d, logl, mask, f, n_starts)[:, :2]
+def _lensllm_nofloor_init(key, d, logl, mask, log_f, n_starts):
+    th = _lensllm_scaled_init(key, d, logl, mask, log_f, n_starts)
+    return th.at[:, 3].set(-jnp.inf)[:, :3]
 
 
 LENSLLM_NOFLOOR = Law(
     name="lensllm_nofloor",
-    param_names=("B", "beta"),
+    param_names=("B", "s", "beta"),
     log_predict=_lensllm_nofloor_log_predict,
     init=_lensllm_nofloor_init,
     allows_zero=True,
     uses_extra=True,
 )
 
-LAWS = {law.name: law for law in (RECTIFIED, VANILLA, LENSLLM, RECTIFIED_NOFLOOR, LENSLLM_NOFLOOR)}
+LAWS = {law.name: law for law in (RECTIFIED, VANILLA, LENSLLM, LENSLLM_FIXED, LENSLLM_TFIT, RECTIFIED_NOFLOOR,
+                                  LENSLLM_NOFLOOR)}
 
 
 def rectified_reference_form(params: dict) -> dict:

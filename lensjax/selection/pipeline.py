@@ -1,15 +1,20 @@
 """LensLLM end to end: measure loss curves by progressive fine-tuning, compute each candidate's
 NTK and F(Θ, t), fit the law, rank, and account for the cost.
 
-For candidate i with NTK eigenpairs (λ_k, u_k) over n probe samples, initial residual
-r₀ = f₀(X) − y with y = 0 (f = mean target log-likelihood, so r₀ measures how far the pretrained
-model is from a perfect fit), learning rate η and t(D) optimiser steps at size D:
+For candidate i with the NTK of the *mean* loss estimated from n probe samples, ``Θ = (K − diag K)/(n − 1)``
+(:func:`lensjax.kernels.ntk.normalize`; K = J Jᵀ, or
+``J diag(1/(√v̂+ε)) Jᵀ`` with Adam's second-moment estimate v̂ after a short warm-up:
+``NTKConfig(kernel="adam")``), its eigenpairs (λ_k, u_k), the per-sample initial residual
+r₀ = (f₀(X) − y)/√n with y = 0 (f = mean target log-likelihood), learning rate η and t optimiser
+steps:
 
-    F_i(D) = Σ_k exp(−2 η λ_k t(D)) (u_kᵀ r₀)²,        L_i(D) = B_i / (F_i(D) + D^β_i) + E_i
+    F_i(t) = Σ_k exp(−2 η λ_k t) (u_kᵀ r₀)²,   F_i(0) = mean r₀²,
 
-with B, β, E fitted by the batched kernel (``--method lensllm``). The reference code's "t fitted"
-mode treats F as one free constant per curve; that is exactly the rectified law
-``B/(D_l + D^β) + E`` (``--method rectified``).
+so F does not grow with n. It is kept as log F (a log-sum-exp in float64), which is finite for any
+t. t at size D is the step the run at D stopped at (early stopping) or ran to; at the target, the
+planned t(target) scaled by the fraction of its schedule the candidate ran at the budget. Which
+law uses F how is the method (:mod:`.predictors`): ``lensllm`` fits ``B/(s·F_i(t_i(D)) + D^β) + E``
+with s tied across the candidates.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lensjax.selection import cost as cost_mod
 from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
 from lensjax.selection.finetune import CurvesStore, FinetuneConfig, evaluate, finetune
 from lensjax.models.lm import sample_loglik, scalar_fn
+from lensjax.selection import predictors
 from lensjax.selection.selectors import SelectionError, select_many
 
 
@@ -40,21 +46,34 @@ class NTKConfig:
     mode: str = "exact"  # or "sketch"
     sketch_k: int = 64
     reduce: str = "mean"
+    kernel: str = "plain"  # or "adam": J diag(1/(sqrt(v)+eps)) J^T after adam_steps warm-up steps
+    adam_steps: int = 10
+    normalize: str = "offdiag"  # or "mean" (K/n); see lensjax.kernels.ntk.normalize
     seed: int = 0
 
 
 @dataclasses.dataclass
 class CandidateNTK:
+    """The normalised spectrum (of K/n) and residual (r₀/√n) of one candidate, float64."""
+
     model: str
     eigvals: np.ndarray
     eigvecs: np.ndarray
     r0: np.ndarray
     stats: dict
     lr: float
+    flops: float = 0.0
+
+    def log_F(self, steps) -> np.ndarray:
+        """log F(t) (float64, finite for any t)."""
+        with jax.enable_x64(True):
+            return np.asarray(ntk_kernel.log_f_term(jnp.asarray(self.eigvals, jnp.float64),
+                                                    jnp.asarray(self.eigvecs, jnp.float64),
+                                                    jnp.asarray(self.r0, jnp.float64), self.lr,
+                                                    jnp.asarray(steps, jnp.float64)))
 
     def F(self, steps) -> np.ndarray:
-        return np.asarray(ntk_kernel.f_term(jnp.asarray(self.eigvals), jnp.asarray(self.eigvecs),
-                                            jnp.asarray(self.r0), self.lr, jnp.asarray(steps, jnp.float32)))
+        return np.exp(self.log_F(steps))
 
 
 def ladder(budget: int, base: int = 200) -> list[int]:
@@ -67,6 +86,27 @@ def ladder(budget: int, base: int = 200) -> list[int]:
     return out
 
 
+def adam_preconditioner(config, params, data, pad_id: int, lr: float, steps: int, batch_size: int = 8, seed: int = 0):
+    """Adam's diagonal ``1/(√v̂ + ε)`` after ``steps`` AdamW steps from ``params`` on ``data``."""
+    import optax
+
+    opt = optax.adam(lr)
+    state = opt.init(params)
+    from lensjax.models.lm import mean_target_loss
+
+    grad = jax.jit(jax.grad(lambda p, b: mean_target_loss(config, p, b)))
+    rng = np.random.default_rng(seed)
+    p = params
+    for i in range(steps):
+        idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=len(data) < batch_size)
+        g = grad(p, make_batch(data, idx, pad_id))
+        upd, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, upd)
+    adam_state = state[0]
+    corr = 1.0 - 0.999 ** steps
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / corr) + 1e-8), adam_state.nu)
+
+
 def compute_ntk(config, params, data, cfg: NTKConfig, pad_id: int, lr: float) -> CandidateNTK:
     n = min(cfg.n_probe, len(data))
     n -= n % cfg.chunk_size
@@ -74,16 +114,32 @@ def compute_ntk(config, params, data, cfg: NTKConfig, pad_id: int, lr: float) ->
         raise DataError(f"need at least {cfg.chunk_size} training examples for the NTK probe set")
     probe = {k: jnp.asarray(v) for k, v in make_batch(data, np.arange(n), pad_id).items()}
     f = scalar_fn(config, cfg.reduce)
+    p_ntk, mask = params, None
+    n_params = _param_count(params)
+    mean_tok = float(np.mean(np.asarray(probe["attn"]).sum(axis=1)))
+    flops = 6.0 * n_params * mean_tok * n + 2.0 * n * n * n_params  # per-sample gradients + Gram
+    if cfg.kernel == "adam":
+        pre = adam_preconditioner(config, params, data, pad_id, lr, cfg.adam_steps, seed=cfg.seed)
+        p_ntk, mask = ntk_kernel.precondition(params, pre)
+        f = ntk_kernel.preconditioned_fn(f)
+        flops += 6.0 * n_params * mean_tok * 8 * cfg.adam_steps
+    elif cfg.kernel != "plain":
+        raise ValueError(f"unknown NTK kernel {cfg.kernel!r}; choose plain or adam")
     if cfg.mode == "exact":
-        K = ntk_kernel.ntk_exact(f, params, probe, chunk_size=cfg.chunk_size)
+        K = ntk_kernel.ntk_exact(f, p_ntk, probe, chunk_size=cfg.chunk_size, mask=mask)
     elif cfg.mode == "sketch":
-        K = ntk_kernel.ntk_sketch(f, params, probe, jax.random.key(cfg.seed), k=cfg.sketch_k, chunk_size=cfg.chunk_size)
+        K = ntk_kernel.ntk_sketch(f, p_ntk, probe, jax.random.key(cfg.seed), k=cfg.sketch_k,
+                                  chunk_size=cfg.chunk_size, mask=mask)
     else:
         raise ValueError(f"unknown NTK mode {cfg.mode!r}")
-    w, u = ntk_kernel.spectrum(K)
     r0 = sample_loglik(config, params, probe, cfg.reduce)  # y = 0
-    stats = {k: np.asarray(v).tolist() for k, v in ntk_kernel.ntk_stats(K).items()}
-    return CandidateNTK("", np.asarray(w), np.asarray(u), np.asarray(r0), stats, lr)
+    with jax.enable_x64(True):
+        K64, r64 = jnp.asarray(np.asarray(K, np.float64)), jnp.asarray(np.asarray(r0, np.float64))
+        theta, rn = ntk_kernel.normalize(K64, r64, cfg.normalize)
+        w, u = ntk_kernel.spectrum(theta)
+        stats = {k: np.asarray(v).tolist() for k, v in ntk_kernel.ntk_stats(K64 / n).items()}
+        out = CandidateNTK("", np.asarray(w), np.asarray(u), np.asarray(rn), stats, lr, flops)
+    return out
 
 
 def _param_count(params) -> int:
@@ -94,24 +150,34 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
         base: int = 200, ft: FinetuneConfig = FinetuneConfig(), ntk_cfg: NTKConfig = NTKConfig(),
         prompt_column: str = "input", target_column: str = "target", curves_out: str | os.PathLike = "curves.csv",
         ntk_out: str | os.PathLike | None = None, progress=None, n_eval: int | None = None,
-        eval_split: str | None = None) -> dict:
+        eval_split: str | None = None, log=None) -> dict:
     """Fine-tune every candidate on the ladder, compute NTKs, fit and rank. Returns a result dict
-    (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made."""
+    (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made.
+
+    With ``ft.patience > 0``, ``ft.n_dev`` examples at the end of the fixed shuffled training order
+    are the development split for early stopping (never trained on). ``log(msg)`` gets one line
+    per measurement."""
     import lensjax
 
-    if method not in ("lensllm", "rectified", "ats"):
-        raise SelectionError(f"unknown method {method!r} for measured curves; choose lensllm, rectified or ats")
+    entry = predictors.METHODS.get(method)
+    if entry is None or entry.kind == "baseline" and method != "subtuning":
+        ok = [m for m, e in predictors.METHODS.items() if e.kind != "baseline"] + ["subtuning"]
+        raise SelectionError(f"unknown method {method!r} for measured curves; choose one of {', '.join(ok)}")
     sizes = ladder(budget, base)
     if len(set(models)) != len(models):
         raise SelectionError("duplicate model ids in --models")
     train, held = load_pairs(dataset, prompt_column=prompt_column, target_column=target_column, seed=ft.seed,
                              n_eval=n_eval, eval_split=eval_split)
-    if sizes[-1] > len(train):
-        raise DataError(f"the ladder needs {sizes[-1]} training examples; {dataset!r} has {len(train)}")
     order = np.random.default_rng(ft.seed).permutation(len(train))  # one fixed order: nested subsets
+    dev_idx = order[len(order) - ft.n_dev:] if ft.patience > 0 and ft.n_dev > 0 else order[:0]
+    order = order[: len(order) - len(dev_idx)]
+    if sizes[-1] > len(order):
+        raise DataError(f"the ladder needs {sizes[-1]} training examples; {dataset!r} has {len(order)}"
+                        + (f" after the {len(dev_idx)} held out for early stopping" if len(dev_idx) else ""))
     store = CurvesStore(curves_out)
     ntks: dict[str, CandidateNTK] = {}
-    params_count, tokens = {}, {}
+    params_count, tokens, eval_tokens = {}, {}, {}
+    need_ntk = entry.f_term is not None or ntk_out is not None
     prog = progress if progress is not None else contextlib.nullcontext()
     with prog as bar:
         for name in models:
@@ -122,21 +188,27 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
             tok = model.tokenizer
             pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
             tr, he = tokenize(tok, train, ft.max_len), tokenize(tok, held, ft.max_len)
-            params_count[name], tokens[name] = _param_count(model.params), tr.mean_tokens
+            dev = tokenize(tok, train.take(dev_idx), ft.max_len) if len(dev_idx) else None
+            params_count[name], tokens[name], eval_tokens[name] = _param_count(model.params), tr.mean_tokens, he.mean_tokens
             meta = dict(params=params_count[name], family=model.config.family, tokens_per_sample=tokens[name])
             task = bar.add_task(f"{Path(name).name}", total=len(sizes) + 2) if bar is not None else None
             if not store.has(name, 0):
                 store.record(name, 0, evaluate(model.config, model.params, he, ft.eval_batch_size, pad_id),
-                             steps=0, lr=ft.lr, **meta)
+                             steps=0, lr=ft.lr, n_eval=len(he), **meta)
             bar is not None and bar.advance(task)
             for d in sizes:
                 if not store.has(name, d):
-                    p, t = finetune(model.config, model.params, tr, order, d, ft, pad_id)
-                    store.record(name, d, evaluate(model.config, p, he, ft.eval_batch_size, pad_id), steps=t,
-                                 lr=ft.lr, **meta)
+                    hist: list = []
+                    p, t = finetune(model.config, model.params, tr, order, d, ft, pad_id, dev=dev, history=hist)
+                    loss = evaluate(model.config, p, he, ft.eval_batch_size, pad_id)
+                    store.record(name, d, loss, steps=t, lr=ft.lr, planned_steps=ft.steps(d),
+                                 steps_run=hist[-1][0] if hist else t, dev_evals=len(hist),
+                                 n_dev=0 if dev is None else len(dev), n_eval=len(he), protocol=ft.record(), **meta)
+                    if log is not None:
+                        log(f"{name} D={d}: loss {loss:.4f}, t={t} of {ft.steps(d)}")
                     del p
                 bar is not None and bar.advance(task)
-            if method == "lensllm" or ntk_out is not None:
+            if need_ntk:
                 ntk_data = tokenize(tok, train.take(order[: ntk_cfg.n_probe]), ft.max_len)
                 c = compute_ntk(model.config, model.params, ntk_data, ntk_cfg, pad_id, ft.lr)
                 c.model = name
@@ -144,26 +216,69 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
             bar is not None and bar.advance(task)
 
     measured = store.curves()
+    missing = [m for m in models if m not in measured.models]
+    if missing:
+        raise SelectionError(f"{store.path}: no measurements for {', '.join(missing)}")
     curves = measured.subset([measured.models.index(m) for m in models])
     kw = {}
-    if method == "lensllm":
-        steps = np.array([[store.steps(m, int(s)) for s in curves.sizes] for m in models], np.float64)
-        kw["F"] = np.stack([ntks[m].F(steps[i]) for i, m in enumerate(models)])
-        kw["F_target"] = np.array([ntks[m].F(ft.steps(target_size)) for m in models])
-    sel = select_many(curves, method, None, budgets=[budget], target_size=target_size, base=base, **kw)[0]
-    # Compute actually spent: the samples each fine-tuning run processed (steps × batch).
-    spent = sum(cost_mod.finetune_flops(params_count[m], [ft.batch_size * store.steps(m, d) for d in sizes],
-                                        tokens_per_sample=tokens[m]) for m in models)
-    full = sum(cost_mod.finetune_flops(params_count[m], [ft.batch_size * ft.steps(target_size)],
-                                       tokens_per_sample=tokens[m]) for m in models)
-    result = sel.to_json() | {"flops": spent, "full_flops": full, "cost_fraction": spent / full,
-                              "curves_csv": str(store.path), "ladder": sizes}
+    steps = np.full(curves.loss.shape, np.nan)
+    for i, m in enumerate(models):
+        for j, sz in enumerate(curves.sizes):
+            if np.isfinite(curves.loss[i, j]):
+                try:
+                    steps[i, j] = store.steps(m, int(sz))
+                except KeyError as exc:
+                    raise SelectionError(str(exc.args[0])) from None
+    t_target = np.array([ft.steps(target_size) * store.steps(m, sizes[-1]) / max(ft.steps(sizes[-1]), 1)
+                         for m in models], np.float64)
+    if entry.f_term is not None:
+        kw["log_F"] = np.stack([np.where(np.isfinite(steps[i]), ntks[m].log_F(np.nan_to_num(steps[i])), np.nan)
+                                for i, m in enumerate(models)])
+        kw["log_F_target"] = np.array([ntks[m].log_F(t_target[i]) for i, m in enumerate(models)])
+    try:
+        sel = select_many(curves, method, None, budgets=[budget], target_size=target_size, base=base, **kw)[0]
+    except SelectionError:
+        raise
+    except ValueError as exc:
+        raise SelectionError(str(exc)) from None
+    cost = _cost(store, models, sizes, ft, target_size, params_count, tokens, eval_tokens, len(held), ntks)
+    result = sel.to_json() | cost | {"curves_csv": str(store.path), "ladder": sizes,
+                                     "steps": {m: {str(int(s)): int(steps[i, j]) for j, s in enumerate(curves.sizes)
+                                                   if np.isfinite(steps[i, j])} for i, m in enumerate(models)},
+                                     "target_steps": {m: float(t) for m, t in zip(models, t_target)},
+                                     "protocol": ft.record(), "n_heldout": len(held), "n_dev": int(len(dev_idx))}
     if ntks:
-        result["ntk"] = {m: c.stats | {"r0_norm2": float(np.sum(c.r0**2))} for m, c in ntks.items()}
+        result["ntk"] = {m: c.stats | {"F0": float(c.F(0.0)), "log_F_target": float(c.log_F(t_target[i])),
+                                       "kernel": ntk_cfg.kernel}
+                         for i, (m, c) in enumerate(ntks.items())}
     if ntk_out is not None and ntks:
         write_ntk(ntk_out, ntks)
         result["ntk_file"] = str(ntk_out)
     return result
+
+
+def _cost(store, models, sizes, ft, target_size, params_count, tokens, eval_tokens, n_held, ntks) -> dict:
+    """FLOPs spent (training, evaluation, NTK) against fine-tuning every candidate at the target
+    (its planned steps, plus one evaluation of the held-out set): 6·P·T per trained token, 2·P·T per
+    evaluated token, the NTK's per-sample gradients and Gram matrix."""
+    train = evals = ntk = full = 0.0
+    for m in models:
+        P, T, Te = params_count[m], tokens[m], eval_tokens[m]
+        for d in sizes:
+            c = store.cell(m, d)
+            run_steps = c.get("steps_run", c.get("steps", 0))
+            train += cost_mod.finetune_flops(P, [ft.batch_size * run_steps], tokens_per_sample=T)
+            evals += 2.0 * P * (Te * c.get("n_eval", n_held) + T * c.get("dev_evals", 0) * c.get("n_dev", 0))
+        evals += 2.0 * P * Te * n_held  # the zero-shot point
+        ntk += ntks[m].flops if m in ntks else 0.0
+        full += cost_mod.finetune_flops(P, [ft.batch_size * ft.steps(target_size)], tokens_per_sample=T)
+        full += 2.0 * P * Te * n_held
+    spent = train + evals + ntk
+    return {"flops": spent, "full_flops": full, "cost_fraction": spent / full,
+            "cost": {"train_flops": train, "eval_flops": evals, "ntk_flops": ntk, "full_flops": full,
+                     "train_fraction": train / full, "eval_fraction": evals / full, "ntk_fraction": ntk / full,
+                     "relative_to": "fine-tuning every candidate once at the target size (planned steps) "
+                                    "and evaluating it once on the held-out set"}}
 
 
 def write_ntk(path: str | os.PathLike, ntks: dict[str, CandidateNTK]) -> None:

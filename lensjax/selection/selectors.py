@@ -51,11 +51,9 @@ RATIOS = (8, 16, 32, 64, 128, 256, 512)
 BASE_SIZE = 200
 
 LAW_METHODS = tuple(predictors.LAW_METHODS)
-METHODS = PREDICTORS + ("zeroshot", "subtuning", "modelsize")
+METHODS = tuple(predictors.METHODS)
 # Minimum measured points per candidate that each method needs (laws: counting the zero-shot point).
-MIN_POINTS = {"rectified": 4, "vanilla": 4, "lensllm": 3, "rectified_nofloor": 3, "lensllm_nofloor": 2,
-              "rectified_joint": 4, "rectified_nofloor_joint": 3, "ats": 2, "local": 2, "subtuning": 1,
-              "zeroshot": 0, "modelsize": 0}
+MIN_POINTS = {name: m.min_points for name, m in predictors.METHODS.items()}
 # The CLI's default: chosen by leave-one-dataset-out validation on the shipped curves
 # (scripts/choose_default_method.py; the result table is in the README).
 DEFAULT_METHOD = "ensemble"
@@ -192,21 +190,7 @@ def default_model_error(method: str) -> float:
 
 
 def _method_settings(method: str, st: Settings) -> dict | None:
-    """The settings ``method`` reads, for the JSON record."""
-    fit = dict(n_starts=st.n_starts, seed=st.seed, solver=st.solver, max_steps=st.max_steps)
-    if method == "ats":
-        return dict(k=st.ats_k, delta=st.ats_delta, include_smallest=st.ats_include_smallest)
-    if method == "local":
-        return dict(k=st.local_k)
-    if method == "ensemble":
-        out = dict(short=st.ens_short, long=st.ens_long, r0=st.ens_r0, r1=st.ens_r1) | fit
-        out |= dict(k=st.ens_k, delta=st.ens_delta) if st.ens_short == "ats" else dict(k=st.local_k)
-        return out
-    if method.endswith("_joint"):
-        return dict(tied=list(st.tied), tau_scale=st.tau_scale, tau_floor=st.tau_floor) | fit
-    if method in LAW_METHODS:
-        return fit
-    return None
+    return predictors.method_settings(method, st)
 
 
 def _num(x: float):
@@ -231,27 +215,28 @@ def _require_points(curves: Curves, mask: np.ndarray, method: str, protocol: Pro
         )
 
 
-def _f_matrix(curves: Curves, F, F_target, target_size):
+def _log_f_matrix(curves: Curves, F, F_target, log_F, log_F_target, target_size):
+    """The NTK term as (log F [N, M], log F at the target [N]) from either the linear ``F`` ([N]:
+    constant per candidate, or [N, M]) or ``log_F`` (the pipeline's, which never underflows)."""
     n, m = curves.loss.shape
-    if F is None:
-        raise SelectionError(
-            "method 'lensllm' needs the NTK term F (per candidate, or per candidate and size); "
-            "compute it with the NTK pipeline or use --method rectified"
-        )
-    F = np.asarray(F, np.float64)
-    if F.shape == (n,):
-        f_cols, f_target = np.broadcast_to(F[:, None], (n, m)), F
-    elif F.shape == (n, m):
-        f_cols = F
+    if log_F is None and F is None:
+        return None, None
+    if log_F is None:
+        with np.errstate(divide="ignore"):
+            log_F = np.log(np.asarray(F, np.float64))
+            log_F_target = None if F_target is None else np.log(np.asarray(F_target, np.float64))
+    log_F = np.asarray(log_F, np.float64)
+    if log_F.shape == (n,):
+        cols, tgt = np.broadcast_to(log_F[:, None], (n, m)).copy(), log_F
+    elif log_F.shape == (n, m):
+        cols = log_F
         col = np.flatnonzero(curves.sizes == target_size)
-        f_target = F[:, col[0]] if col.size else None
+        tgt = log_F[:, col[0]] if col.size else None
     else:
-        raise SelectionError(f"F must have shape ({n},) or ({n}, {m}); got {F.shape}")
-    if F_target is not None:
-        f_target = np.asarray(F_target, np.float64).reshape(n)
-    if f_target is None:
-        raise SelectionError("F is per size but has no value at the target size; pass F_target")
-    return f_cols, f_target
+        raise SelectionError(f"F must have shape ({n},) or ({n}, {m}); got {log_F.shape}")
+    if log_F_target is not None:
+        tgt = np.asarray(log_F_target, np.float64).reshape(n)
+    return cols, tgt
 
 
 def select_many(
@@ -272,6 +257,8 @@ def select_many(
     max_steps: int | None = None,
     F=None,
     F_target=None,
+    log_F=None,
+    log_F_target=None,
     n_boot: int = 0,
     level: float = 0.95,
     eps: float = DEFAULT_EPS,
@@ -289,6 +276,11 @@ def select_many(
     ``level``, P(best) and P(within ``eps`` of the best), with the model-error coefficient
     ``model_error`` (0: measurement noise only; default :func:`default_model_error`) and the
     fraction ``model_error_corr`` of its variance shared by all candidates of a budget.
+
+    The LensLLM methods need the NTK term: ``F`` [N] (constant per candidate) or [N, M] (per
+    size), with ``F_target`` [N] at the target, or the same in log space (``log_F``,
+    ``log_F_target``; what :func:`lensjax.selection.pipeline.run` passes, since F underflows
+    float64 once t is large). What each method takes from it is :func:`predictors.method_extra`.
     """
     if method not in METHODS:
         raise SelectionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -320,24 +312,29 @@ def select_many(
     preds, convs, used_sizes, fits, npts = [], [], [], [None] * n_pr, []
     boots, weights = [None] * n_pr, [None] * n_pr
     if method in PREDICTORS:
+        entry = predictors.METHODS[method]
         law = predictors.law_of(method, st)
-        f_cols = f_target = None
-        if law is not None and LAWS[law].uses_extra:
-            f_cols, f_target = _f_matrix(curves, F, F_target, target_size)
+        lf_cols, lf_target = _log_f_matrix(curves, F, F_target, log_F, log_F_target, target_size)
         for pr in protocols:
             in_ladder = np.isin(sizes, pr.ladder(sizes))
             lad = measured & in_ladder[None, :]
-            if method in ("ats", "local", "ensemble"):
+            if entry.kind in ("local", "ensemble"):
                 _require_points(curves, lad, "ats" if method == "ensemble" else method, pr)
             if law is not None:
                 fm = lad | (measured & ((sizes == 0) & LAWS[law].allows_zero)[None, :])
-                _require_points(curves, fm, method if method in MIN_POINTS else law, pr, need=MIN_POINTS.get(law))
+                _require_points(curves, fm, method, pr, need=LAWS[law].n_params)
             used_sizes.append(pr.ladder(sizes))
         budget = np.repeat([pr.budget_size for pr in protocols], n)
         loss = np.tile(curves.loss, (n_pr, 1))
         group = np.repeat(np.arange(n_pr), n)
-        extra = None if f_cols is None else np.tile(f_cols, (n_pr, 1))
-        extra_t = None if f_target is None else np.tile(f_target, n_pr)
+        extra = extra_t = None
+        if entry.f_term is not None:
+            try:
+                extra, extra_t = predictors.method_extra(
+                    method, sizes, loss, budget, base, None if lf_cols is None else np.tile(lf_cols, (n_pr, 1)),
+                    None if lf_target is None else np.tile(lf_target, n_pr))
+            except ValueError as exc:
+                raise SelectionError(str(exc)) from None
         try:
             rp = predictors.predict_rows(method, sizes, loss, budget, target_size, base=base, st=st, group=group,
                                          extra=extra, extra_target=extra_t, mesh=mesh)
