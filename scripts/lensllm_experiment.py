@@ -86,21 +86,30 @@ CORPUS = "add,sub,cp-letters,rev-digits"  # part of the zoo hash: change it when
 # name, family, architecture kwargs, pretraining steps. Sizes and steps are chosen so that
 # neither "bigger" nor "longer pretrained" alone decides the downstream ranking.
 ZOO = [
-    ("gpt2-48x2", "gpt2", dict(d=48, layers=2, heads=4), 800),
-    ("gpt2-96x4", "gpt2", dict(d=96, layers=4, heads=4), 300),
-    ("llama-64x2", "llama", dict(d=64, layers=2, heads=4, ffn=176), 1000),
-    ("llama-128x4", "llama", dict(d=128, layers=4, heads=4, ffn=352), 400),
-    ("opt-64x3", "opt", dict(d=64, layers=3, heads=4, ffn=256), 600),
-    ("qwen2-96x3", "qwen2", dict(d=96, layers=3, heads=4, kv=2, ffn=256), 700),
-    ("mistral-64x3", "mistral", dict(d=64, layers=3, heads=4, kv=2, ffn=192), 200),
+    ("gpt2-32x2", "gpt2", dict(d=32, layers=2, heads=4), 600),
+    ("gpt2-48x2", "gpt2", dict(d=48, layers=2, heads=4), 400),
+    ("gpt2-64x3", "gpt2", dict(d=64, layers=3, heads=4), 250),
+    ("llama-48x2", "llama", dict(d=48, layers=2, heads=4, ffn=128), 700),
+    ("llama-64x2", "llama", dict(d=64, layers=2, heads=4, ffn=176), 300),
+    ("llama-96x3", "llama", dict(d=96, layers=3, heads=4, ffn=256), 200),
+    ("opt-48x2", "opt", dict(d=48, layers=2, heads=4, ffn=192), 500),
+    ("opt-64x3", "opt", dict(d=64, layers=3, heads=4, ffn=256), 300),
+    ("qwen2-48x2", "qwen2", dict(d=48, layers=2, heads=4, kv=2, ffn=128), 450),
+    ("qwen2-96x2", "qwen2", dict(d=96, layers=2, heads=4, kv=2, ffn=256), 350),
+    ("mistral-48x3", "mistral", dict(d=48, layers=3, heads=4, kv=2, ffn=128), 650),
+    ("mistral-64x2", "mistral", dict(d=64, layers=2, heads=4, kv=2, ffn=192), 150),
 ]
 QUICK_ZOO = [
-    ("gpt2-48x2", "gpt2", dict(d=48, layers=2, heads=4), 200),
-    ("llama-64x2", "llama", dict(d=64, layers=2, heads=4, ffn=176), 300),
-    ("opt-64x2", "opt", dict(d=64, layers=2, heads=4, ffn=256), 150),
-    ("qwen2-64x2", "qwen2", dict(d=64, layers=2, heads=4, kv=2, ffn=192), 250),
-    ("mistral-48x2", "mistral", dict(d=48, layers=2, heads=4, kv=2, ffn=128), 100),
+    ("gpt2-32x1", "gpt2", dict(d=32, layers=1, heads=4), 40),
+    ("llama-32x1", "llama", dict(d=32, layers=1, heads=4, ffn=64), 60),
+    ("opt-32x1", "opt", dict(d=32, layers=1, heads=4, ffn=64), 20),
 ]
+METHODS = ("lensllm", "lensllm_nofloor", "lensllm_reference", "lensllm_tfit", "lensllm_fixed", "rectified",
+           "rectified_joint", "rectified_nofloor_joint", "ats", "ensemble")
+# Ablations of where the NTK's information goes: lensllm (D_l = s·F, s tied) with F replaced.
+ABLATIONS = {"lensllm[F=1]": "a constant F: D_l = s, one pooled pre-learned size (no NTK information)",
+             "lensllm[F=F(0)]": "F_i(0) = mean r0^2 per candidate, constant in D",
+             "lensllm[F permuted]": "each candidate gets another candidate's F (per size)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +129,12 @@ class Spec:
     ft_epochs: float = 2.0
     ft_min_steps: int = 10
     ft_max_len: int = 32
-    task: str = "mul"
+    tasks: tuple[str, ...] = ("mul", "sort")
+    ft_patience: int = 3
+    ft_n_dev: int = 200
+    ft_warmup: float = 0.1
+    ft_schedule: str = "cosine"
+    n_probe: int = 32
     seed: int = 0
 
     def key(self) -> str:
@@ -132,14 +146,15 @@ class Spec:
 
 
 def full_spec() -> Spec:
-    return Spec(zoo=tuple(ZOO), target=6400, base=50, budgets=(200, 400, 800, 1600),
-                methods=("lensllm", "rectified", "ats"), n_spare=300, n_heldout=500)
+    # train = target + dev 200 + 300 spare; held out by load_pairs: min(500, n // 10) = 500
+    return Spec(zoo=tuple(ZOO), target=3200, base=50, budgets=(200, 400, 800), methods=METHODS, n_spare=500,
+                n_heldout=500)
 
 
 def quick_spec() -> Spec:
-    # 800 train + 300 spare + held-out: n = 1222 -> load_pairs holds out n // 10 = 122
-    return Spec(zoo=tuple(QUICK_ZOO), target=800, base=50, budgets=(200, 400),
-                methods=("lensllm", "rectified", "ats"), n_spare=300, n_heldout=122, ft_epochs=1.0)
+    # 400 train + 60 dev + 40 spare: n = 555 -> load_pairs holds out n // 10 = 55
+    return Spec(zoo=tuple(QUICK_ZOO), target=400, base=50, budgets=(200,), methods=METHODS, n_spare=100,
+                n_heldout=55, ft_epochs=1.0, ft_n_dev=60, n_probe=16, pre_batch=16, tasks=("mul", "sort"))
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -210,6 +225,7 @@ def write_task(path: Path, n: int, seed: int, task: str) -> None:
 
     * ``mul``: ``{"input": "417*6=", "target": "2502"}``, a in 0..999, b in 2..9 (n of the 8000
       pairs, drawn without replacement). Multiplication is not in the pretraining corpus.
+    * ``sort``: ``{"input": "srt 80413=", "target": "01348"}``, 3-8 digits (not in pretraining).
     * ``reverse``: ``{"input": "rev kqzma=", "target": "amzqk"}``, 3-8 letters (pretraining
       reverses digits and copies letters).
     """
@@ -222,6 +238,13 @@ def write_task(path: Path, n: int, seed: int, task: str) -> None:
         for i in rng.permutation(len(pairs))[:n]:
             a, b = pairs[i]
             rows.append({"input": f"{a}*{b}=", "target": str(a * b)})
+    elif task == "sort":
+        seen = set()
+        while len(seen) < n:
+            s = "".join(rng.choice(list("0123456789"), rng.integers(3, 9)))
+            if s not in seen:
+                seen.add(s)
+                rows.append({"input": f"srt {s}=", "target": "".join(sorted(s))})
     elif task == "reverse":
         seen = set()
         while len(seen) < n:
@@ -320,7 +343,7 @@ def score(pred: np.ndarray, true: np.ndarray) -> dict:
     from lensjax.selection.metrics import selection_metrics
 
     out = selection_metrics(pred, true, ks=(1, 3))
-    out["rmse"] = float(np.sqrt(np.mean((pred - true) ** 2)))
+    out["rmse_target"] = float(np.sqrt(np.mean((pred - true) ** 2)))
     return out
 
 
@@ -330,59 +353,30 @@ def fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="5 models, target 800, budgets 200/400")
-    ap.add_argument("--fresh", action="store_true", help="delete the zoo and the curves CSV first")
-    ap.add_argument("--task", choices=("mul", "reverse"), default="mul",
-                    help="downstream task: mul (a*b=, default) or reverse (rev abc=cba)")
-    ap.add_argument("--root", default=None, help="zoo folder (default /tmp/lensjax-zoo[-quick])")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/...)")
-    args = ap.parse_args(argv)
-
-    spec = dataclasses.replace(quick_spec() if args.quick else full_spec(), task=args.task)
-    root = Path(args.root or ("/tmp/lensjax-zoo-quick" if args.quick else "/tmp/lensjax-zoo"))
-    out_json = Path(args.out or REPO / "benchmarks" / "results" /
-                    ("lensllm_experiment" + ("_quick" if args.quick else "")
-                     + ("" if args.task == "mul" else f"_{args.task}") + ".json"))
-    if args.fresh:
-        shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    timings = {}
-
-    def log(msg):
-        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
-
-    # 1-2. zoo + pretraining ------------------------------------------------------------------
-    t = time.time()
-    zoo = build_zoo(spec, root, log)
-    timings["zoo_pretrain_s"] = time.time() - t
-    dirs = [str(root / n) for n, *_ in spec.zoo]
-
-    # 3. downstream task ---------------------------------------------------------------------
-    n_total = spec.target + spec.n_spare + spec.n_heldout
-    data = root / f"{spec.task}-{n_total}.jsonl"
-    if not data.exists():
-        write_task(data, n_total, spec.seed + 7, spec.task)
+def run_task(spec: Spec, task: str, zoo: dict, dirs: list, root: Path, log, quick: bool) -> dict:
+    """Measure every candidate's curve up to the target, its NTK, then score every method."""
     import lensjax
     from lensjax.selection import pipeline
     from lensjax.selection.curves import read_curves
-    from lensjax.selection.data import load_pairs
+    from lensjax.selection.data import load_pairs, tokenize
     from lensjax.selection.finetune import FinetuneConfig, evaluate
     from lensjax.selection.selectors import select_many
 
-    ft = FinetuneConfig(lr=spec.ft_lr, batch_size=spec.ft_batch, epochs=spec.ft_epochs,
-                        min_steps=spec.ft_min_steps, max_len=spec.ft_max_len, eval_batch_size=100, seed=spec.seed)
-    train, held = load_pairs(str(data), seed=ft.seed)
-    log(f"task: {data} -> {len(train)} train / {len(held)} held-out ({spec.task}); "
-        f"ladder {pipeline.ladder(spec.target, spec.base)}, t(D) = max({ft.min_steps}, ceil({ft.epochs:g}*D/{ft.batch_size}))")
-
-    # parity: PyTorch vs lensjax target-token loss of each pretrained checkpoint -------------
+    n_total = spec.target + spec.ft_n_dev + spec.n_spare + spec.n_heldout
+    data = root / f"{task}-{n_total}.jsonl"
+    if not data.exists():
+        write_task(data, n_total, spec.seed + 7, task)
+    ft = FinetuneConfig(lr=spec.ft_lr, batch_size=spec.ft_batch, epochs=spec.ft_epochs, min_steps=spec.ft_min_steps,
+                        max_len=spec.ft_max_len, eval_batch_size=100, seed=spec.seed, schedule=spec.ft_schedule,
+                        warmup=spec.ft_warmup, patience=spec.ft_patience, n_dev=spec.ft_n_dev)
+    ntk_cfg = pipeline.NTKConfig(n_probe=spec.n_probe)
+    train, held = load_pairs(str(data), seed=ft.seed, n_eval=spec.n_heldout)
+    log(f"[{task}] {data}: {len(train)} train ({ft.n_dev} of them for early stopping) / {len(held)} held out; "
+        f"ladder {pipeline.ladder(spec.target, spec.base)}")
+    timings = {}
+    # parity: PyTorch vs lensjax target-token loss of each pretrained checkpoint
     t = time.time()
-    from lensjax.selection.data import tokenize
-
-    probe = held.take(range(min(32, len(held))))
+    probe = held.take(range(min(16 if quick else 32, len(held))))
     parity = {}
     for name, d in zip(zoo, dirs):
         m = lensjax.load(d)
@@ -390,107 +384,188 @@ def main(argv=None) -> int:
         pt = torch_target_loss(Path(d), probe, ft.max_len)
         parity[name] = dict(torch=pt, lensjax=lj, abs_diff=abs(pt - lj))
     worst = max(v["abs_diff"] for v in parity.values())
-    log(f"parity torch vs lensjax zero-shot target loss: max |diff| = {worst:.2e}"
+    log(f"[{task}] parity torch vs lensjax zero-shot target loss: max |diff| = {worst:.2e}"
         + ("" if worst < 1e-3 else "  <-- MISMATCH"))
     timings["parity_s"] = time.time() - t
-
-    # 4. curves: measure once up to the target --------------------------------------------
-    curves_csv = Path(root / f"curves-{spec.key()}.csv")
+    # curves up to the target, measured once (pipeline.run with the budget = the target)
+    curves_csv = root / f"curves-{task}-{spec.key()}.csv"
     t = time.time()
-    log(f"measuring curves up to the target {spec.target} for {len(dirs)} models -> {curves_csv}")
-    pipeline.run(dirs, str(data), budget=spec.target, target_size=spec.target, method="ats", base=spec.base,
-                 ft=ft, curves_out=curves_csv, log=lambda *a: None)
+    full = pipeline.run(dirs, str(data), budget=spec.target, target_size=spec.target, method="ats", base=spec.base,
+                        ft=ft, curves_out=curves_csv, n_eval=spec.n_heldout, log=lambda msg: log(f"[{task}] {msg}"))
     timings["curves_s"] = time.time() - t
     curves = read_curves(curves_csv)
     curves = curves.subset([curves.models.index(d) for d in dirs])
     names = list(zoo)
     true = curves.column(spec.target)
     assert true is not None and np.all(np.isfinite(true)), "target column missing"
-    log(f"curves measured in {timings['curves_s']:.1f}s")
-
-    # 4b. predictions per method and budget ---------------------------------------------------
-    rows, mismatches, raw = [], [], {}
+    steps = np.array([[full["steps"][d][str(int(sz))] for sz in curves.sizes] for d in dirs], np.float64)
+    planned = np.array([ft.steps(int(sz)) for sz in curves.sizes], np.float64)
+    # NTK per candidate, once (F is a function of t; each prediction evaluates it at its own steps)
     t = time.time()
-    for method in spec.methods:
-        for b in spec.budgets:
+    ntks = []
+    for d in dirs:
+        m = lensjax.load(d)
+        tok = tokenize(m.tokenizer, train.take(range(ntk_cfg.n_probe)), ft.max_len)
+        ntks.append(pipeline.compute_ntk(m.config, m.params, tok, ntk_cfg, m.tokenizer.pad_token_id, ft.lr))
+    timings["ntk_s"] = time.time() - t
+    log_f = np.stack([c.log_F(steps[i]) for i, c in enumerate(ntks)])
+    col = {int(sz): j for j, sz in enumerate(curves.sizes)}
+
+    def log_f_at(size, budget):
+        # F at a size beyond the budget: planned steps scaled by the fraction of its schedule the
+        # candidate ran at the budget (what pipeline.run does for the target).
+        frac = steps[:, col[budget]] / planned[col[budget]]
+        return np.array([c.log_F(ft.steps(size) * frac[i]) for i, c in enumerate(ntks)])
+
+    def variants(budget):
+        lf_t = log_f_at(spec.target, budget)
+        base = dict(log_F=log_f, log_F_target=lf_t)
+        out = {m: ("lensllm" if m.startswith("lensllm[") else m, base) for m in spec.methods}
+        const = np.zeros_like(log_f)
+        out["lensllm[F=1]"] = ("lensllm", dict(log_F=const, log_F_target=const[:, 0]))
+        f0 = np.broadcast_to(log_f[:, :1], log_f.shape)
+        out["lensllm[F=F(0)]"] = ("lensllm", dict(log_F=f0, log_F_target=f0[:, 0]))
+        perm = np.roll(np.arange(len(names)), 1)
+        out["lensllm[F permuted]"] = ("lensllm", dict(log_F=log_f[perm], log_F_target=lf_t[perm]))
+        return out
+
+    rows = []
+    t = time.time()
+    beyond_all = [int(sz) for sz in curves.sizes if sz > 0]
+    for b in spec.budgets:
+        beyond = [sz for sz in beyond_all if b < sz <= spec.target]
+        for label, (method, kw) in variants(b).items():
             t1 = time.time()
-            res = pipeline.run(dirs, str(data), budget=b, target_size=spec.target, method=method, base=spec.base,
-                               ft=ft, curves_out=curves_csv, log=lambda *a: None)
-            dt = time.time() - t1
-            pred = np.array([res["predicted"][d] for d in dirs])
-            s = score(pred, true)
-            lib = dict(res.get("metrics") or {}, rmse=res.get("rmse"))
-            for k in ("pearson", "relacc", "spearman", "kendall", "rmse"):
-                a, c = s[k], lib.get(k)
-                if c is None or not (np.isclose(a, c, rtol=1e-6, atol=1e-9) or (np.isnan(a) and np.isnan(c))):
-                    mismatches.append(f"{method}@{b} {k}: script {a} vs pipeline {c}")
-            sel = names[int(np.argmin(pred))]
-            rows.append(dict(method=method, budget=b, ratio=spec.target / b, **s, selected=sel,
-                             true_best=names[int(np.argmin(true))], cost_fraction=res["cost_fraction"],
-                             converged=int(sum(res["converged"].values())), seconds=dt,
-                             predicted={n: float(p) for n, p in zip(names, pred)}))
-            raw[f"{method}@{b}"] = {k: v for k, v in res.items() if k not in ("ntk",)} | (
-                {"ntk": res["ntk"]} if "ntk" in res else {})
-            log(f"  {method:<9} budget {b:>5}: RMSE {s['rmse']:.4f}  Pearson {fmt(s['pearson'])}  "
-                f"RelAcc {s['relacc']:.3f}  picks {sel}  ({dt:.1f}s)")
+            sel = select_many(curves, method, None, budgets=[b], target_size=spec.target, base=spec.base, **kw)[0]
+            pred = sel.predicted
+            # along the measured curve beyond the budget: the same method predicting each size
+            along = []
+            for sz in beyond:
+                kk = dict(kw)
+                if "log_F_target" in kk and label not in ("lensllm[F=1]", "lensllm[F=F(0)]"):
+                    lf = log_f_at(sz, b)
+                    kk["log_F_target"] = lf[np.roll(np.arange(len(names)), 1)] if label == "lensllm[F permuted]" else lf
+                p = pred if sz == spec.target else select_many(curves, method, None, budgets=[b], target_size=sz,
+                                                               base=spec.base, **kk)[0].predicted
+                along.append(p - curves.loss[:, col[sz]])
+            curve_rmse = np.sqrt(np.mean(np.square(along), axis=0))  # per candidate
+            sc = score(pred, true)
+            sc["rmse_curve"] = float(np.mean(curve_rmse))
+            rows.append(dict(task=task, method=label, budget=b, ratio=spec.target / b, **sc,
+                             selected=names[int(np.argmin(pred))], true_best=names[int(np.argmin(true))],
+                             converged=int(np.sum(sel.converged)), seconds=time.time() - t1,
+                             predicted={n: float(v) for n, v in zip(names, pred)},
+                             rmse_curve_per_model={n: float(v) for n, v in zip(names, curve_rmse)}))
+            log(f"[{task}]  {label:<22} budget {b:>5}: RMSE@target {sc['rmse_target']:.4f}  curve {sc['rmse_curve']:.4f}"
+                f"  Spearman {fmt(sc['spearman'])}  RelAcc {sc['relacc']:.3f}")
     timings["predict_s"] = time.time() - t
-
-    # baselines on the same curves (no extra fine-tuning) -----------------------------------
-    baselines = []
-    for method in ("subtuning", "zeroshot", "modelsize"):
-        sels = select_many(curves, method, None, budgets=list(spec.budgets), target_size=spec.target, base=spec.base)
-        for b, sl in zip(spec.budgets, sels):
-            s = score(sl.predicted, true)
-            if method in ("zeroshot", "modelsize"):
-                s["rmse"] = float("nan")  # not a prediction of the target loss
-            baselines.append(dict(method=method, budget=b, ratio=spec.target / b, **s,
-                                  selected=names[int(np.argmin(sl.predicted))], true_best=names[int(np.argmin(true))]))
-            if method in ("zeroshot", "modelsize"):
-                break  # budget-independent
-
-    # 5. report --------------------------------------------------------------------------------
-    timings["total_s"] = time.time() - t_start
+    # cost per budget: what pipeline.run reports at that budget (training, evaluation; nothing is
+    # re-measured), plus the NTKs computed above
+    costs = {}
+    ntk_flops = float(sum(c.flops for c in ntks))
+    for b in spec.budgets:
+        c = pipeline.run(dirs, str(data), budget=b, target_size=spec.target, method="ats", base=spec.base,
+                         ft=ft, curves_out=curves_csv, n_eval=spec.n_heldout)["cost"]
+        c["ntk_flops"], c["ntk_fraction"] = ntk_flops, ntk_flops / c["full_flops"]
+        costs[b] = c
     sizes = [int(x) for x in curves.sizes]
-    print()
-    print(f"### Zoo and measured curves (mean target-token NLL on {len(held)} held-out {spec.task} examples)\n")
-    print("| model | family | params | pretrain steps | " + " | ".join(f"D={s}" for s in sizes) + " |")
-    print("|---|---|---:|---:|" + "---:|" * len(sizes))
-    for i, n in enumerate(names):
-        z = zoo[n]
-        print(f"| {n} | {z['family']} | {z['params']:,} | {z['steps']} | "
-              + " | ".join(f"{v:.3f}" for v in curves.loss[i]) + " |")
-    print(f"\n### Prediction of the loss at D={spec.target} (true best: {names[int(np.argmin(true))]})\n")
-    hdr = "| method | budget (ratio) | RMSE | Pearson | RelAcc | Spearman | Kendall | top-1 | top-3 | selected | true best |"
-    print(hdr)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    for r in rows + baselines:
-        print(f"| {r['method']} | {r['budget']} ({r['ratio']:g}x) | {fmt(r['rmse'], 4)} | {fmt(r['pearson'])} | "
-              f"{fmt(r['relacc'])} | {fmt(r['spearman'])} | {fmt(r['kendall'])} | {r['top1']:.0f} | {r['top3']:.0f} | "
-              f"{r['selected']} | {r['true_best']} |")
-    print("\n(zeroshot/modelsize are budget-independent baselines; their score is not a loss, so no RMSE.)")
-    print("\n### Predicted target loss per model\n")
-    print("| method@budget | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    print("| **measured** | " + " | ".join(f"**{v:.3f}**" for v in true) + " |")
-    for r in rows:
-        print(f"| {r['method']}@{r['budget']} | " + " | ".join(f"{r['predicted'][n]:.3f}" for n in names) + " |")
-    print("\ntimings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    if mismatches:
-        print("\nWARNING: script metrics differ from pipeline.run's own:\n  " + "\n  ".join(mismatches))
+    return dict(task=task, data=str(data), n_train=len(train), n_heldout=len(held), ft=dataclasses.asdict(ft),
+                parity=parity, sizes=sizes, curves_csv=str(curves_csv),
+                curves={n: {str(sz): float(v) for sz, v in zip(sizes, curves.loss[i])} for i, n in enumerate(names)},
+                steps={n: {str(sz): int(v) for sz, v in zip(sizes, steps[i])} for i, n in enumerate(names)},
+                ntk={n: {"F0": float(c.F(0.0)), "top_eigenvalues": c.stats["top_eigenvalues"][:3],
+                         "log_F_at_steps": [float(v) for v in log_f[i]]} for i, (n, c) in enumerate(zip(names, ntks))},
+                true_target_loss={n: float(v) for n, v in zip(names, true)}, true_best=names[int(np.argmin(true))],
+                results=rows, cost={str(b): c for b, c in costs.items()}, timings=timings)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 one-layer models, target 400, budget 200 (the smoke test)")
+    ap.add_argument("--fresh", action="store_true", help="delete the zoo and the curves CSVs first")
+    ap.add_argument("--task", action="append", choices=("mul", "sort", "reverse"), default=None,
+                    help="downstream task(s) (default: mul and sort)")
+    ap.add_argument("--root", default=None, help="zoo folder (default /tmp/lensjax-zoo[-quick])")
+    ap.add_argument("--out", default=None, help="result JSON (default docs/lensllm_experiment[_quick].json)")
+    ap.add_argument("--report", default=None, metavar="JSON", help="only print the tables of a result JSON")
+    args = ap.parse_args(argv)
+    if args.report:
+        payload = json.loads(Path(args.report).read_text())
+        print(summary_table(payload))
+        return 0
+
+    spec = quick_spec() if args.quick else full_spec()
+    if args.task:
+        spec = dataclasses.replace(spec, tasks=tuple(args.task))
+    root = Path(args.root or ("/tmp/lensjax-zoo-quick" if args.quick else "/tmp/lensjax-zoo"))
+    out_json = Path(args.out or REPO / "docs" / ("lensllm_experiment" + ("_quick" if args.quick else "") + ".json"))
+    if args.fresh:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    t = time.time()
+    zoo = build_zoo(spec, root, log)
+    zoo_s = time.time() - t
+    dirs = [str(root / n) for n, *_ in spec.zoo]
+    tasks = [run_task(spec, task, zoo, dirs, root, log, args.quick) for task in spec.tasks]
+    total = time.time() - t_start
+    report(spec, zoo, tasks)
+    payload = dict(spec=dataclasses.asdict(spec) | {"zoo": [list(z) for z in spec.zoo]}, zoo=zoo, tasks=tasks,
+                   ablations=ABLATIONS, timings={"zoo_pretrain_s": zoo_s, "total_s": total},
+                   error_measures={"rmse_target": "RMSE across candidates of the predicted vs measured loss at the "
+                                                  "target size (lensjax's measure)",
+                                   "rmse_curve": "per candidate, RMSE of the method's predictions at every measured "
+                                                 "size beyond the budget up to the target, averaged over candidates "
+                                                 "(how the LensLLM paper's Table 2 appears to measure)"},
+                   python=sys.version.split()[0])
+    from lensjax.io import atomic_write
 
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(
-        spec=dataclasses.asdict(spec) | {"zoo": [list(z) for z in spec.zoo]}, zoo_dir=str(root), task=str(data),
-        n_train=len(train), n_heldout=len(held), ft=dataclasses.asdict(ft), curves_csv=str(curves_csv),
-        zoo=zoo, parity=parity, sizes=sizes,
-        curves={n: {str(s): float(v) for s, v in zip(sizes, curves.loss[i])} for i, n in enumerate(names)},
-        true_target_loss={n: float(v) for n, v in zip(names, true)}, true_best=names[int(np.argmin(true))],
-        results=rows, baselines=baselines, metric_mismatches=mismatches, timings=timings,
-        pipeline_results=raw, python=sys.version.split()[0],
-    )
-    out_json.write_text(json.dumps(payload, indent=1, default=float))
-    print(f"\nwrote {out_json}")
+    atomic_write(out_json, json.dumps(payload, indent=1, default=float) + "\n")
+    print(f"\nwrote {out_json} ({total:.0f} s)")
     return 0
+
+
+def summary_table(payload) -> str:
+    """The README's table: every method and ablation, per task and budget, from a result JSON."""
+    lines = []
+    for tk in payload["tasks"]:
+        lines.append(f"**{tk['task']}** (target {payload['spec']['target']}, true best {tk['true_best']})\n")
+        lines.append("| method | budget | RMSE at target | RMSE along curve | Pearson | Spearman | RelAcc | selected | cost |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for r in tk["results"]:
+            c = tk["cost"][str(r["budget"])]
+            cost = c["train_fraction"] + c["eval_fraction"] + (c["ntk_fraction"] if r["method"].startswith("lensllm") else 0)
+            lines.append(f"| {r['method']} | {r['budget']} | {r['rmse_target']:.4f} | {r['rmse_curve']:.4f} | "
+                         f"{fmt(r['pearson'])} | {fmt(r['spearman'])} | {fmt(r['relacc'])} | {r['selected']} | "
+                         f"{100 * cost:.1f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(spec, zoo, tasks) -> None:
+    for tk in tasks:
+        names = list(zoo)
+        print(f"\n### {tk['task']}: measured curves (mean target-token NLL on {tk['n_heldout']} held-out examples; "
+              f"t = early-stopping step in brackets)\n")
+        print("| model | family | params | pretrain steps | " + " | ".join(f"D={s}" for s in tk["sizes"]) + " |")
+        print("|---|---|---:|---:|" + "---:|" * len(tk["sizes"]))
+        for n in names:
+            z = zoo[n]
+            print(f"| {n} | {z['family']} | {z['params']:,} | {z['steps']} | "
+                  + " | ".join(f"{tk['curves'][n][str(s)]:.3f} ({tk['steps'][n][str(s)]})" for s in tk["sizes"]) + " |")
+        print(f"\n### {tk['task']}: predictions at D={spec.target} (true best {tk['true_best']})\n")
+        print("| method | budget | RMSE at target | RMSE along curve | Pearson | Spearman | RelAcc | selected | cost |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for r in tk["results"]:
+            c = tk["cost"][str(r["budget"])]
+            cost = c["train_fraction"] + c["eval_fraction"] + (c["ntk_fraction"] if r["method"].startswith("lensllm") else 0)
+            print(f"| {r['method']} | {r['budget']} | {r['rmse_target']:.4f} | {r['rmse_curve']:.4f} | {fmt(r['pearson'])} | "
+                  f"{fmt(r['spearman'])} | {fmt(r['relacc'])} | {r['selected']} | {100 * cost:.1f}% |")
 
 
 if __name__ == "__main__":

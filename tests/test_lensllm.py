@@ -47,6 +47,7 @@ def test_f_does_not_depend_on_the_probe_count_and_never_underflows(llama):
         assert np.all(c.F(steps) > 0)
 
 
+@pytest.mark.slow
 def test_adam_preconditioned_kernel_differs_and_keeps_f0(llama):
     m, data = llama
     train, _ = load_pairs(data)
@@ -158,3 +159,55 @@ def test_lensllm_tfit_matches_scipy_float64_fit_of_t():
         np.testing.assert_allclose(sel.fit.objective[i], ours, rtol=1e-3, atol=1e-10)
         np.testing.assert_allclose(sel.predicted[i], np.exp(pred(r.x, 102400.0)), rtol=1e-3)
         assert sel.fit.params["q"][i] > 0  # D_l = F(0) e^{-q} < F(0)
+
+
+def _readme_experiment_rows():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sec = text[text.index("### Experiment: `python scripts/lensllm_experiment.py`"):]
+    return sec[: sec.index("\n## ")]
+
+
+def test_readme_experiment_table_is_the_committed_json():
+    import json
+    from pathlib import Path
+
+    payload = json.loads((Path(__file__).resolve().parents[1] / "docs" / "lensllm_experiment.json").read_text())
+    sec = _readme_experiment_rows()
+    n = 0
+    for tk in payload["tasks"]:
+        part = sec[sec.index(f"**{tk['task']}**"):]
+        for r in tk["results"]:
+            row = f"| {r['method']} | {r['budget']} | {r['rmse_target']:.4f} | {r['rmse_curve']:.4f} |"
+            assert row in part, row
+            n += 1
+    assert n >= 2 * 3 * 13 and len(payload["spec"]["zoo"]) >= 12
+    assert len({z[1] for z in payload["spec"]["zoo"]}) >= 5 and len(payload["tasks"]) == 2
+
+
+@pytest.mark.slow
+def test_experiment_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "lensllm_experiment.py"), "--quick", "--task", "mul",
+                        "--root", str(tmp_path / "zoo"), "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    (tk,) = payload["tasks"]
+    methods = {x["method"] for x in tk["results"]}
+    assert {"lensllm", "lensllm_reference", "lensllm_tfit", "rectified", "rectified_joint", "ats", "ensemble",
+            "lensllm[F=1]"} <= methods
+    assert all(np.isfinite(x["rmse_target"]) and np.isfinite(x["rmse_curve"]) for x in tk["results"])
+    c = tk["cost"]["200"]
+    assert c["eval_flops"] > 0 and c["ntk_flops"] > 0
+    assert max(v["abs_diff"] for v in tk["parity"].values()) < 1e-3
+    rep = subprocess.run([sys.executable, str(repo / "scripts" / "lensllm_experiment.py"), "--report", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0 and "| lensllm | 200 |" in rep.stdout

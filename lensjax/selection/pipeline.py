@@ -154,8 +154,8 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
     """Fine-tune every candidate on the ladder, compute NTKs, fit and rank. Returns a result dict
     (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made.
 
-    With ``ft.patience > 0``, ``ft.n_dev`` examples at the end of the fixed shuffled training order
-    are the development split for early stopping (never trained on). ``log(msg)`` gets one line
+    With ``ft.patience > 0``, ``min(ft.n_dev, len(train) // 4)`` examples at the end of the fixed
+    shuffled training order are the development split for early stopping (never trained on). ``log(msg)`` gets one line
     per measurement."""
     import lensjax
 
@@ -169,7 +169,10 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
     train, held = load_pairs(dataset, prompt_column=prompt_column, target_column=target_column, seed=ft.seed,
                              n_eval=n_eval, eval_split=eval_split)
     order = np.random.default_rng(ft.seed).permutation(len(train))  # one fixed order: nested subsets
-    dev_idx = order[len(order) - ft.n_dev:] if ft.patience > 0 and ft.n_dev > 0 else order[:0]
+    # At most a quarter of the pool, a rule of the dataset alone, so that every budget of a resumed
+    # run measures on the same training order and development set.
+    n_dev = min(ft.n_dev, len(order) // 4) if ft.patience > 0 else 0
+    dev_idx = order[len(order) - n_dev:] if n_dev > 0 else order[:0]
     order = order[: len(order) - len(dev_idx)]
     if sizes[-1] > len(order):
         raise DataError(f"the ladder needs {sizes[-1]} training examples; {dataset!r} has {len(order)}"

@@ -21,8 +21,10 @@ Methods:
 * ``modelsize`` — ``−log(parameters)``. The published tables use ``+log(size)`` as the "feature",
   which makes a good predictor show a *negative* Pearson correlation (−20.9 on FLAN); with the
   minus sign every method here is "higher correlation with the true loss is better".
-* ``lensllm`` — ``B/(F + D^β) + E`` with F given (per curve or per curve and size; the NTK
-  pipeline computes it), fitted on {0} ∪ ladder. Without F it raises.
+* ``lensllm`` — ``B/(s·F + D^β) + E`` with F given per candidate and size (the NTK pipeline
+  computes it) and s tied across the candidates; ``lensllm_reference``, ``lensllm_tfit`` and
+  ``lensllm_fixed`` are the released code's two modes and an ablation (:mod:`.predictors`).
+  Without F they raise.
 * ``rectified_nofloor``, ``lensllm_nofloor``, ``rectified_joint``, ``rectified_nofloor_joint``,
   ``local`` and ``ensemble`` (the default) — see :mod:`.predictors`.
 
