@@ -24,6 +24,7 @@ def llama(tmp_path_factory):
     return lensjax.load(str(root / "llama")), str(data)
 
 
+@pytest.mark.slow
 def test_f_does_not_depend_on_the_probe_count_and_never_underflows(llama):
     m, data = llama
     train, _ = load_pairs(data)
@@ -211,3 +212,28 @@ def test_experiment_smoke(tmp_path):
     rep = subprocess.run([sys.executable, str(repo / "scripts" / "lensllm_experiment.py"), "--report", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0 and "| lensllm | 200 |" in rep.stdout
+
+
+def test_log_f_term_is_finite_where_float64_f_underflows():
+    import jax
+    import jax.numpy as jnp
+
+    from lensjax.kernels import ntk
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(12, 12))
+    K = a @ a.T + np.eye(12)
+    r0 = rng.normal(size=12)
+    with jax.enable_x64(True):
+        theta, r = ntk.normalize(jnp.asarray(K), jnp.asarray(r0), "mean")
+        w, u = ntk.spectrum(theta)
+        t = jnp.asarray([0.0, 1e3, 1e5, 1e7])
+        lf = np.asarray(ntk.log_f_term(w, u, r, 1e-2, t))
+        f = np.asarray(ntk.f_term(w, u, r, 1e-2, t))
+    assert np.all(np.isfinite(lf)) and np.all(np.diff(lf) < 0)
+    assert f[-1] == 0.0  # the linear F underflows float64 ...
+    np.testing.assert_allclose(lf[0], np.log(np.mean(r0**2)), rtol=1e-12)  # F(0) = mean r0^2
+    # ... and log F agrees with the float64 reference where F is representable.
+    wn, un = np.linalg.eigh(K / 12)
+    ref = np.log(np.sum(np.exp(-2e-2 * np.maximum(wn, 0) * 1e3) * (un.T @ (r0 / np.sqrt(12))) ** 2))
+    np.testing.assert_allclose(lf[1], ref, rtol=1e-9)

@@ -113,6 +113,7 @@ def test_bad_inputs_keep_partial_results(zoo, tmp_path):
     assert res.exit_code == 2 and "cannot be loaded" in res.output and "measurements made so far" in res.output
 
 
+@pytest.mark.slow
 def test_resumed_curves_with_uneven_sizes_fit_what_is_there(zoo, tmp_path):
     """A curves CSV where one model has a size the other lacks (a resumed run with a larger budget)
     used to crash with a KeyError in store.steps; now the selection fits what is measured."""
@@ -131,6 +132,7 @@ def test_resumed_curves_with_uneven_sizes_fit_what_is_there(zoo, tmp_path):
         pipeline.run(dirs[:2], data, budget=100, method="lensllm", n_eval=20, **kw)
 
 
+@pytest.mark.slow
 def test_early_stopping_records_its_step_and_cost_counts_eval_and_ntk(zoo, tmp_path):
     dirs, data, _ = zoo
     ft = FinetuneConfig(lr=3e-2, batch_size=8, min_steps=5, epochs=6, patience=1, eval_every=3, n_dev=40)
