@@ -322,8 +322,7 @@ def _lensllm_nofloor_log_predict(theta, d, log_f):
 
 
 def _lensllm_nofloor_init(key, d, logl, mask, log_f, n_starts):
-    th = _lensllm_scaled_init(key, d, logl, mask, log_f, n_starts)
-    return th.at[:, 3].set(-jnp.inf)[:, :3]
+    return _lensllm_scaled_init(key, d, logl, mask, log_f, n_starts)[:, :3]
 
 
 LENSLLM_NOFLOOR = Law(

@@ -241,7 +241,7 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
     try:
         sel = select_many(curves, method, None, budgets=[budget], target_size=target_size, base=base, **kw)[0]
     except SelectionError:
-        raise
+        raise  # a SelectionError is a ValueError: pass it on as it is
     except ValueError as exc:
         raise SelectionError(str(exc)) from None
     cost = _cost(store, models, sizes, ft, target_size, params_count, tokens, eval_tokens, len(held), ntks)
