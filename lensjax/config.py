@@ -1,7 +1,11 @@
-"""ModelConfig: one frozen dataclass that describes every supported decoder.
+"""ModelConfig: one frozen dataclass that describes every supported model.
 
 Read from a Hugging Face ``config.json`` (``ModelConfig.from_hf``). The forward pass branches only
-on these static fields. Supported ``model_type``: gpt2, opt, llama, mistral, qwen2.
+on these static fields. Supported ``model_type``: decoder-only gpt2, opt, llama, mistral, qwen2,
+phi; encoder-decoder t5, mt5, bart, switch_transformers. For an encoder-decoder the per-layer
+fields (heads, widths, norms) describe both stacks (lensjax refuses configs whose encoder and
+decoder differ in anything but the number of layers), ``num_layers`` is the decoder's depth and
+``encoder_layers`` the encoder's.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2", "phi", "t5", "mt5", "bart", "switch_transformers")
+ENCODER_DECODER = ("t5", "mt5", "bart", "switch_transformers")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -37,7 +42,7 @@ class ModelConfig:
     final_norm: bool = True
     activation: str = "silu"  # "gelu_new" | "relu" | "silu" | "gelu"
     gated_mlp: bool = True  # up * act(gate)
-    positions: str = "rope"  # "learned" | "rope"
+    positions: str = "rope"  # "learned" | "rope" | "relative" (T5 buckets)
     position_offset: int = 0  # OPT's learned positions start at index 2
     rope_theta: float = 10000.0
     rope_type: str = "default"
@@ -55,6 +60,24 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # --- options of the other families (defaults: the decoder-only behaviour above) ---
+    attn_scale: float = 0.0  # multiplier of q·k; 0: 1/sqrt(head_dim). T5: 1 (no scaling)
+    inverse_layer_scale: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx: scores / (layer + 1)
+    rotary_dim: int = 0  # Phi's partial rotary: RoPE on the first rotary_dim dims of a head (0: all)
+    parallel_block: bool = False  # Phi: x + attn(norm(x)) + mlp(norm(x)), one shared norm
+    encoder_layers: int = 0  # > 0: an encoder-decoder; num_layers is then the decoder's depth
+    rel_buckets: int = 0  # T5 relative-position buckets (0: none)
+    rel_max_distance: int = 128
+    embed_scale: float = 1.0  # BART scale_embedding: sqrt(D)
+    embed_norm: bool = False  # BART layernorm_embedding after token + position embeddings
+    head_scale: float = 1.0  # T5 v1.0 / Switch tied head: d_model ** -0.5 before the head
+    head_bias: bool = False  # Phi lm_head.bias, BART final_logits_bias
+    num_experts: int = 0  # Switch Transformers: experts per sparse layer
+    expert_capacity: int = 0
+    router_bias: bool = False
+    encoder_sparse_step: int = 0  # Hugging Face's rule: layer i sparse iff step > 0 and (i % step == 1 or step == 1)
+    decoder_sparse_step: int = 0
+    decoder_start_token_id: int | None = None
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ------------------------------------------------------------------------------------------
@@ -78,6 +101,22 @@ class ModelConfig:
     @property
     def sliding(self) -> bool:
         return any(w > 0 for w in self.layer_windows)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_layers > 0
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    def sparse_layers(self, stack: str = "decoder") -> tuple[bool, ...]:
+        """Which layers of a stack hold the mixture of experts (Hugging Face Switch's rule)."""
+        n = self.encoder_layers if stack == "encoder" else self.num_layers
+        step = self.encoder_sparse_step if stack == "encoder" else self.decoder_sparse_step
+        if not self.num_experts or step <= 0:
+            return (False,) * n
+        return tuple(i % step == 1 or step == 1 for i in range(n))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -104,6 +143,10 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
+        if mt not in _BUILDERS:
+            from lensjax.families import BUILDERS
+
+            _BUILDERS.update(BUILDERS)
         return _BUILDERS[mt](c, source)
 
 
@@ -123,8 +166,8 @@ def _tupleize(x):
 
 
 def _gpt2(c, source):
-    if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn") or not c.get("scale_attn_weights", True):
-        raise UnsupportedModelError(f"{source}: GPT-2 attention-scaling variants are not supported")
+    # reorder_and_upcast_attn only changes where HF computes in float32; lensjax's scores are
+    # always float32, so it needs nothing. The two scalings are exact options.
     if c.get("add_cross_attention"):
         raise UnsupportedModelError(f"{source}: GPT-2 with cross-attention is not supported")
     d, h = _req(c, "n_embd", source), _req(c, "n_head", source)
@@ -138,6 +181,8 @@ def _gpt2(c, source):
         norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), activation=act, gated_mlp=False,
         positions="learned", qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True,
         tie_word_embeddings=c.get("tie_word_embeddings", True), layer_windows=(0,) * c["n_layer"],
+        attn_scale=0.0 if c.get("scale_attn_weights", True) else 1.0,
+        inverse_layer_scale=bool(c.get("scale_attn_by_inverse_layer_idx", False)),
         hf_config=dict(c), **_common_ids(c),
     )
 
@@ -164,7 +209,7 @@ def _opt(c, source):
     )
 
 
-def _rope(c, source):
+def _rope(c, source, partial=False):
     params = c.get("rope_parameters") or {}
     legacy = c.get("rope_scaling") or {}
     merged = {**legacy, **params}
@@ -172,8 +217,8 @@ def _rope(c, source):
     rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
     if rtype not in ROPE_TYPES:
         raise UnsupportedModelError(f"{source}: rope type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    if merged.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError(f"{source}: partial rotary embeddings are not supported")
+    if merged.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0 and not partial:
+        raise UnsupportedModelError(f"{source}: partial rotary embeddings are not supported for this family")
     out = dict(rope_theta=float(theta), rope_type=rtype, rope_factor=float(merged.get("factor", 1.0)))
     if rtype == "llama3":
         out.update(rope_low_freq_factor=float(merged["low_freq_factor"]),

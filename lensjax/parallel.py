@@ -21,6 +21,7 @@ RULES: dict[str, str | None] = {
     "heads": "model",
     "mlp": "model",
     "layers": None,
+    "expert": "model",  # Switch experts: expert-parallel on the model axis (their mlp axis then stays whole)
 }
 
 

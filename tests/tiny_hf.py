@@ -8,11 +8,36 @@ import transformers as tf
 VOCAB = 128
 
 
+ENCODER_DECODER = ("t5", "t5v11", "mt5", "bart", "switch")
+
+
 def config_for(family: str, *, gqa: bool = True, tied: bool | None = None, rope: str | None = None,
-               sliding: int | None = None, max_pos: int = 64):
+               sliding: int | None = None, max_pos: int = 64, scale_embedding: bool = False,
+               inverse_layer: bool = False, capacity: int = 64, layers: int = 2):
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    t5_shape = dict(d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=layers, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
     if family == "gpt2":
-        c = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=max_pos, **common)
+        c = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=max_pos, scale_attn_by_inverse_layer_idx=inverse_layer,
+                          reorder_and_upcast_attn=inverse_layer, **common)
+    elif family == "t5":
+        c = tf.T5Config(**t5_shape, **common)
+    elif family == "t5v11":
+        c = tf.T5Config(**t5_shape, feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
+    elif family == "mt5":
+        c = tf.MT5Config(**t5_shape, feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
+    elif family == "switch":
+        c = tf.SwitchTransformersConfig(**t5_shape, num_experts=4, expert_capacity=capacity,
+                                        num_sparse_encoder_layers=layers // 2, num_sparse_decoder_layers=layers // 2,
+                                        router_jitter_noise=0.0, **common)
+    elif family == "bart":
+        c = tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=max_pos,
+                          scale_embedding=scale_embedding, decoder_start_token_id=2, forced_eos_token_id=None,
+                          forced_bos_token_id=None, **common)
+    elif family == "phi":
+        c = tf.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=max_pos, partial_rotary_factor=0.5, **common)
     elif family in ("opt", "opt350m"):
         c = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=max_pos, word_embed_proj_dim=16 if family == "opt350m" else 32,
@@ -39,14 +64,33 @@ def config_for(family: str, *, gqa: bool = True, tied: bool | None = None, rope:
 
 
 def make(family: str, directory, seed: int = 0, **kw):
-    """Build, perturb (so biases and norms are not trivially 0/1) and save a tiny model."""
+    """Build, perturb (so biases and norms are not trivially 0/1) and save a tiny model.
+
+    Encoder-decoders whose hub checkpoints have their own head (T5 v1.1, mT5) get an untied
+    ``lm_head`` (transformers 5 builds them tied); BART's ``final_logits_bias`` (a buffer) is
+    perturbed too. Switch's router is scaled up so that the experts differ in load."""
     torch.manual_seed(seed)
     cfg = config_for(family, **kw)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    auto = tf.AutoModelForSeq2SeqLM if family in ENCODER_DECODER else tf.AutoModelForCausalLM
+    model = auto.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(str(directory))
+        if family in ("t5v11", "mt5"):
+            model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        for name, p in model.named_parameters():
+            p.add_((2.0 if "router" in name else 0.2) * torch.randn_like(p))
+        if family == "bart":
+            model.final_logits_bias.add_(0.5 * torch.randn_like(model.final_logits_bias))
+    if family in ("t5v11", "mt5"):  # save_pretrained would drop the head as a tied copy
+        from safetensors.torch import save_file
+
+        model.save_pretrained(str(directory))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not k.endswith("embed_tokens.weight")}
+        save_file(state, str(directory / "model.safetensors") if hasattr(directory, "joinpath")
+                  else f"{directory}/model.safetensors", metadata={"format": "pt"})
+    else:
+        model.save_pretrained(str(directory))
     return model
 
 

@@ -26,4 +26,6 @@ def entries(cfg: ModelConfig):
         ("layers/mlp/down/w", "h.{i}.mlp.c_proj.weight", "id"),
         ("layers/mlp/down/b", "h.{i}.mlp.c_proj.bias", "id"),
     ]
+    if not cfg.tie_word_embeddings:
+        e.append(("lm_head/w", "/lm_head.weight", "T"))
     return e

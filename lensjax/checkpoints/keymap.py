@@ -1,12 +1,16 @@
 """Declarative key maps: Hugging Face tensor names → common-tree leaves.
 
-An entry is ``(tree_path, hf_key, op)``; ``{i}`` in the key marks a per-layer tensor, stacked on a
-leading ``L`` axis. Ops map a source tensor to our ``[in, out]`` layout:
+An entry is ``(tree_path, hf_key, op)`` or ``(tree_path, hf_key, op, layers)``; ``{i}`` in the key
+marks a per-layer tensor, stacked on a leading ``L`` axis over ``layers`` (the HF layer indices;
+default all ``num_layers`` of the stack), and ``{x}`` a per-expert tensor, stacked on the next
+axis over ``num_experts``. A key that starts with ``/`` is at the checkpoint's root (no family
+prefix, e.g. BART's ``final_logits_bias`` beside ``model.``). Ops map a source tensor to our ``[in, out]`` layout:
 
 * ``"id"`` — as stored;
 * ``"T"`` — transpose (PyTorch ``Linear`` stores ``[out, in]``);
 * ``("cols", k, n)`` — column block k of n of an ``[in, n·out]`` tensor (GPT-2's fused ``c_attn``);
-* ``("part", k, n)`` — block k of n of a fused bias ``[n·out]``.
+* ``("part", k, n)`` — block k of n of a fused bias ``[n·out]``;
+* ``"row"`` — the only row of a ``[1, n]`` tensor (BART's ``final_logits_bias``).
 
 Each op can read just a slice of its source (see ``source_index``), so a device can load only its
 own shard.
@@ -26,6 +30,8 @@ def source_shape(op: Op, shape: Sequence[int]) -> tuple[int, ...]:
         return shape
     if op == "T":
         return shape[::-1]
+    if op == "row":
+        return (1,) + shape
     kind, _, n = op
     if kind == "cols":
         return (shape[0], n * shape[1])
@@ -40,6 +46,8 @@ def source_index(op: Op, index: tuple[slice, ...], shape: Sequence[int]) -> tupl
         return index, False
     if op == "T":
         return index[::-1], True
+    if op == "row":
+        return (slice(0, 1),) + tuple(index), False
     kind, k, _ = op
     if kind == "cols":
         rows, cols = index

@@ -21,4 +21,6 @@ def entries(cfg: ModelConfig):
         e.append((f"layers/mlp/{name}/w", f"layers.{{i}}.mlp.{name}_proj.weight", "T"))
         if cfg.mlp_bias:
             e.append((f"layers/mlp/{name}/b", f"layers.{{i}}.mlp.{name}_proj.bias", "id"))
+    if not cfg.tie_word_embeddings:
+        e.append(("lm_head/w", "/lm_head.weight", "T"))
     return e

@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 
-from lensjax.checkpoints import gpt2, llama, opt
+from lensjax.checkpoints import bart, gpt2, llama, opt, phi, t5
 from lensjax.checkpoints.keymap import source_index, source_shape
 from lensjax.config import ModelConfig, UnsupportedModelError
 from lensjax.models.tree import flatten, leaf_specs, nest
 
-FAMILIES = {"gpt2": gpt2, "opt": opt, "llama": llama, "mistral": llama, "qwen2": llama}
+FAMILIES = {"gpt2": gpt2, "opt": opt, "llama": llama, "mistral": llama, "qwen2": llama, "phi": phi, "t5": t5,
+            "mt5": t5, "switch_transformers": t5, "bart": bart}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "flax_model.msgpack", "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -212,65 +213,102 @@ def _key_prefix(src, family_mod, cfg: ModelConfig, root: Path) -> str:
     raise CheckpointError(f"{root}: missing tensor {family_mod.PREFIXES[0] + probe!r} (no known prefix matches)")
 
 
+def _entries(cfg: ModelConfig, pre: str):
+    """(path, [source names in the order of the leaf's leading axes], lead shape, op) per leaf."""
+    fam = FAMILIES[cfg.family]
+    out = []
+    for entry in fam.entries(cfg):
+        path, key, op = entry[:3]
+        full = key[1:] if key.startswith("/") else pre + key
+        lead: tuple[int, ...] = ()
+        names = [full]
+        if "{i}" in key:
+            stack = path.split("/")[0] if cfg.is_encoder_decoder else "decoder"
+            layers = entry[3] if len(entry) > 3 else range(cfg.encoder_layers if stack == "encoder" else cfg.num_layers)
+            layers = list(layers)
+            lead = (len(layers),)
+            if "{x}" in key:
+                lead += (cfg.num_experts,)
+                names = [full.format(i=i, x=x) for i in layers for x in range(cfg.num_experts)]
+            else:
+                names = [full.format(i=i) for i in layers]
+        out.append((path, names, lead, op))
+    return out
+
+
+def adjust_config(cfg: ModelConfig, names) -> ModelConfig:
+    """Family rules that depend on the file: T5-style checkpoints use ``lm_head.weight`` when it
+    is there (mT5, T5 v1.1) and the shared embedding when it is not, as Hugging Face does."""
+    key = getattr(FAMILIES[cfg.family], "UNTIE_IF_PRESENT", None)
+    if key is not None:
+        tied = key not in set(names)
+        if tied != cfg.tie_word_embeddings:
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=tied)
+    return cfg
+
+
 def _plan(cfg: ModelConfig, src, root: Path):
-    """For every leaf: (shape, logical axes, [per-layer source names], op). Checks names and shapes."""
+    """For every leaf: (shape, logical axes, [source names], op, lead). Checks names and shapes."""
     fam = FAMILIES[cfg.family]
     pre = _key_prefix(src, fam, cfg, root)
     specs = leaf_specs(cfg)
     names = set(src.names())
     used, missing, plan = set(), [], {}
-    for path, key, op in fam.entries(cfg):
+    for path, srcs, lead, op in _entries(cfg, pre):
         shape, axes = specs[path]
-        layered = "{i}" in key
-        srcs = [pre + key.format(i=i) for i in range(cfg.num_layers)] if layered else [pre + key]
-        plan[path] = (shape, axes, srcs, op, layered)
+        if tuple(shape[:len(lead)]) != lead:
+            raise CheckpointError(f"{root}: internal key map error for {path}: leaf {shape}, sources {lead}")
+        plan[path] = (shape, axes, srcs, op, lead)
         for s in srcs:
             (used.add(s) if s in names else missing.append(s))
-    if not cfg.tie_word_embeddings:
-        shape, axes = specs["lm_head/w"]
-        plan["lm_head/w"] = (shape, axes, ["lm_head.weight"], "T", False)
-        if "lm_head.weight" in names:
-            used.add("lm_head.weight")
-        else:
-            missing.append("lm_head.weight")
     if missing:
         raise CheckpointError(f"{root}: missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    missing_leaves = sorted(set(specs) - set(plan))
+    if missing_leaves:
+        raise CheckpointError(f"{root}: no key map entry for {', '.join(missing_leaves)} ({cfg.family})")
     ignore = [re.compile(r) for r in fam.IGNORE]
     tied_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     unexpected = sorted(n for n in names - used - tied_extra if not any(r.search(n) for r in ignore))
     if unexpected:
         raise CheckpointError(f"{root}: unexpected tensors (not part of a {cfg.family} model with this config): "
                               + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
-    for path, (shape, _, srcs, op, layered) in plan.items():
-        want = source_shape(op, shape[1:] if layered else shape)
+    for path, (shape, _, srcs, op, lead) in plan.items():
+        want = source_shape(op, shape[len(lead):])
         for s in srcs:
             got = src.shape(s)
             if got != want:
                 raise CheckpointError(f"{root}: tensor {s!r} has shape {list(got)}, expected {list(want)} "
-                                      f"(for {path} of this config)")
+                                      f"(for {path} of this {cfg.family} config)")
     return plan
 
 
-def _leaf_reader(src, shape, srcs, op, layered, dtype) -> Callable[[tuple], np.ndarray]:
+def _leaf_reader(src, shape, srcs, op, lead, dtype) -> Callable[[tuple], np.ndarray]:
+    """Reads any block of a leaf (a device's shard): one source tensor at a time for stacked leaves."""
+    n = len(lead)
+
+    def read_one(name, rest):
+        sidx, tr = source_index(op, rest, shape[n:])
+        b = src.read(name, sidx)
+        if op == "row":
+            b = b[0]
+        return b.T if tr else b
+
     def read(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        if layered:
-            lsl, rest = index[0], index[1:]
-            layers = range(*lsl.indices(shape[0]))
-            sidx, tr = source_index(op, rest, shape[1:])
-            out = None
-            for j, i in enumerate(layers):  # one layer's tensor at a time, straight into the block
-                b = src.read(srcs[i], sidx)
-                b = b.T if tr else b
-                if out is None:
-                    out = np.empty((len(layers),) + b.shape, dtype)
-                out[j] = b
-            return out
-        else:
-            sidx, tr = source_index(op, index, shape)
-            out = src.read(srcs[0], sidx)
-            out = out.T if tr else out
-        return np.ascontiguousarray(out.astype(dtype, copy=False))
+        if not n:
+            return np.ascontiguousarray(read_one(srcs[0], index).astype(dtype, copy=False))
+        ranges = [range(*index[d].indices(lead[d])) for d in range(n)]
+        rest = index[n:]
+        out = None
+        for pos in np.ndindex(*[len(r) for r in ranges]):  # one source tensor at a time, into the block
+            flat = 0
+            for d in range(n):
+                flat = flat * lead[d] + ranges[d][pos[d]]
+            b = read_one(srcs[flat], rest)
+            if out is None:
+                out = np.empty(tuple(len(r) for r in ranges) + b.shape, dtype)
+            out[pos] = b
+        return out
 
     return read
 
@@ -326,8 +364,8 @@ def load_params(cfg: ModelConfig, root: Path, dtype="float32", mesh: jax.shardin
     try:
         plan = _plan(cfg, src, root)
         flat = {}
-        for path, (shape, axes, srcs, op, layered) in plan.items():
-            read = _leaf_reader(src, shape, srcs, op, layered, np_dtype)
+        for path, (shape, axes, srcs, op, lead) in plan.items():
+            read = _leaf_reader(src, shape, srcs, op, lead, np_dtype)
             if mesh is None:
                 flat[path] = _put_chunked(read, shape, dtype)
             else:
@@ -354,6 +392,11 @@ def load(path_or_id: str | os.PathLike, dtype: str = "float32", mesh: jax.shardi
     if not cfg_path.exists():
         raise CheckpointError(f"{root}: no config.json")
     cfg = ModelConfig.from_file(cfg_path)
+    src = _weights_source(root)
+    try:
+        cfg = adjust_config(cfg, src.names())
+    finally:
+        src.close()
     params = load_params(cfg, root, dtype=dtype, mesh=mesh)
     tok = _load_tokenizer(root) if tokenizer else None
     return Model(config=cfg, params=params, tokenizer=tok, path=str(root))
@@ -371,26 +414,23 @@ def _load_tokenizer(root: Path):
 def _to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """Common tree → HF tensor names and layouts (the inverse of the key map)."""
     fam = FAMILIES[cfg.family]
-    pre = fam.PREFIXES[0]
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
     out: dict[str, np.ndarray] = {}
     fused: dict[str, list] = {}
-    for path, key, op in fam.entries(cfg):
+    for path, names, lead, op in _entries(cfg, fam.PREFIXES[0]):
         arr = flat[path]
-        layers = range(cfg.num_layers) if "{i}" in key else [None]
-        for i in layers:
-            a = arr[i] if i is not None else arr
-            name = pre + (key.format(i=i) if i is not None else key)
+        blocks = arr.reshape((-1,) + arr.shape[len(lead):]) if lead else arr[None]
+        for name, a in zip(names, blocks):
             if op == "id":
                 out[name] = a
             elif op == "T":
                 out[name] = a.T
+            elif op == "row":
+                out[name] = a[None]
             else:
                 fused.setdefault(name, [None] * op[2])[op[1]] = a
     for name, blocks in fused.items():
         out[name] = np.concatenate(blocks, axis=-1)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = flat["lm_head/w"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

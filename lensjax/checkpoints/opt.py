@@ -24,4 +24,6 @@ def entries(cfg: ModelConfig):
         e.append((f"layers/mlp/{name}/w", f"layers.{{i}}.{hf}.weight", "T"))
         if cfg.mlp_bias:
             e.append((f"layers/mlp/{name}/b", f"layers.{{i}}.{hf}.bias", "id"))
+    if not cfg.tie_word_embeddings:
+        e.append(("lm_head/w", "/lm_head.weight", "T"))
     return e

@@ -1,6 +1,6 @@
 """Functional forward pass and KV-cache sampler over the common parameter tree."""
 
 from lensjax.models.sampler import generate
-from lensjax.models.transformer import forward, init_cache
+from lensjax.models.transformer import encode, forward, init_cache, shift_right
 
-__all__ = ["forward", "generate", "init_cache"]
+__all__ = ["encode", "forward", "generate", "init_cache", "shift_right"]

@@ -9,6 +9,11 @@ in the loop lets a batch of long completions (``max_new_tokens`` 512) end as soo
 stopped. With ``return_logprobs`` the log-probability of every generated token under the model's
 untempered distribution (log-softmax of the logits that chose it) comes back too: what a policy
 gradient needs to check that it scores the policy it sampled.
+
+Encoder-decoders: the (right-padded) input is encoded once, every decoder layer's cross-attention
+keys and values are computed once into the cache, and the decoder starts from
+``decoder_start_token_id``; the result is the decoder sequence (start token, then the generated
+tokens), as Hugging Face's ``generate`` returns for these models.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
-from lensjax.models.transformer import _forward, init_cache
+from lensjax.models.transformer import _forward, cross_cache, encode, init_cache
 
 PROMPT_BUCKET = 32
 
@@ -53,12 +58,21 @@ def stop_array(stop_sequences) -> tuple[np.ndarray, np.ndarray]:
     return arr, valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype", "start_id"))
 def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p, pad_id, stop_SW, stop_valid_SW,
-              *, max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype):
+              *, max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype, start_id: int = 0):
     B, T = ids_BT.shape
-    cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
-    logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None, cache_empty=True, last_only=True)
+    if cfg.is_encoder_decoder:
+        cross = cross_cache(cfg, params, encode(cfg, params, ids_BT, mask_BT), mask_BT)
+        cache = init_cache(cfg, B, 1 + max_new_tokens, cache_dtype)
+        cache.update(cross_k=cross["cross_k"].astype(cache_dtype), cross_v=cross["cross_v"].astype(cache_dtype),
+                     enc_mask=cross["enc_mask"])
+        start = jnp.full((B, 1), start_id, jnp.int32)
+        logits, cache = _forward(cfg, params, start, jnp.ones((B, 1), bool), cache, None, cache_empty=True,
+                                 last_only=True)
+    else:
+        cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
+        logits, cache = _forward(cfg, params, ids_BT, mask_BT, cache, None, cache_empty=True, last_only=True)
     last = logits[:, -1]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
@@ -100,7 +114,8 @@ def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p
 def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, key=None, eos_token_id=None, pad_token_id=None,
              bucket: int = PROMPT_BUCKET, stop_sequences=None, return_logprobs: bool = False):
-    """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens (with
+    """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens (for an
+    encoder-decoder [B, 1 + max_new_tokens]: the decoder start token and the generated tokens; with
     ``return_logprobs``, also the generated tokens' log-probabilities [B, max_new_tokens], 0 after
     a row has finished).
 
@@ -133,15 +148,27 @@ def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, 
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     if bucket and T > 0:
         tb = bucket_length(T, bucket)
-        if tb > T:  # left-pad to the bucket: the mask hides the extra slots
-            ids = np.concatenate([np.full((B, tb - T), pad_token_id, np.int32), ids], axis=1)
-            mask = np.concatenate([np.zeros((B, tb - T), bool), mask], axis=1)
+        if tb > T:  # pad to the bucket: the mask hides the extra slots. Decoder-only models pad on
+            # the left (positions count real tokens); encoders on the right, after every real token,
+            # so slot positions and Switch's expert capacity (taken in order) are unchanged.
+            fill, off = np.full((B, tb - T), pad_token_id, np.int32), np.zeros((B, tb - T), bool)
+            enc = config.is_encoder_decoder
+            ids = np.concatenate([ids, fill] if enc else [fill, ids], axis=1)
+            mask = np.concatenate([mask, off] if enc else [off, mask], axis=1)
     dtype = params["embed"]["tokens"].dtype
     stop, stop_valid = stop_array(stop_sequences)
     new, logp = _generate(config, params, jnp.asarray(ids), jnp.asarray(mask),
                           key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
                           jnp.float32(top_p), jnp.int32(pad_token_id), jnp.asarray(stop), jnp.asarray(stop_valid),
                           max_new_tokens=int(max_new_tokens), greedy=temperature == 0, eos_ids=eos_ids,
-                          cache_dtype=dtype)
-    out = jnp.concatenate([jnp.asarray(input_ids, jnp.int32), new], axis=1)
+                          cache_dtype=dtype, start_id=int(_start_id(config)))
+    first = (jnp.full((B, 1), _start_id(config), jnp.int32) if config.is_encoder_decoder
+             else jnp.asarray(input_ids, jnp.int32))
+    out = jnp.concatenate([first, new], axis=1)
     return (out, logp) if return_logprobs else out
+
+
+def _start_id(config: ModelConfig) -> int:
+    if config.decoder_start_token_id is not None:
+        return config.decoder_start_token_id
+    return config.pad_token_id if config.pad_token_id is not None else 0
