@@ -114,7 +114,7 @@ def _bucket_table(num_buckets: int, max_distance: int, bidirectional: bool, reac
     else:
         rel = -np.minimum(rel, 0)
     exact = n // 2
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         large = exact + (np.log(rel.astype(np.float32) / np.float32(exact)) / np.float32(math.log(max_distance / exact))
                          * np.float32(n - exact))
     large = np.minimum(np.where(rel < exact, 0, large).astype(np.int64), n - 1)
