@@ -26,8 +26,21 @@ def test_flax_msgpack_fixture_matches_hf_flax_logits(family):
     np.testing.assert_allclose(got, ref["logits"], atol=1e-4, rtol=0)
 
 
-def test_sharded_safetensors_index(tmp_path):
-    hf = make("llama", tmp_path / "one")
+def test_flax_msgpack_t5_fixture_matches_hf_flax_logits():
+    """A T5 v1.0 flax_model.msgpack written by HF's Flax T5 (transformers 4.46), padded encoder."""
+    ref = np.load(FIXTURES / "t5" / "reference.npz")
+    model = lensjax.load(FIXTURES / "t5")
+    assert model.config.family == "t5" and model.config.tie_word_embeddings and model.config.head_scale != 1.0
+    got = np.asarray(lensjax.forward(model.config, model.params, ref["input_ids"], ref["attention_mask"],
+                                     decoder_input_ids=ref["decoder_input_ids"]))
+    np.testing.assert_allclose(got, ref["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "switch"])
+def test_sharded_safetensors_index(tmp_path, family):
+    from tiny_hf import ENCODER_DECODER
+
+    hf = make(family, tmp_path / "one")
     tensors = load_file(str(tmp_path / "one" / "model.safetensors"))
     names = sorted(tensors)
     half = len(names) // 2
@@ -42,8 +55,9 @@ def test_sharded_safetensors_index(tmp_path):
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     a, b = lensjax.load(tmp_path / "one"), lensjax.load(out)
     ids = np.arange(3, 13)[None]
-    np.testing.assert_array_equal(np.asarray(lensjax.forward(a.config, a.params, ids)),
-                                  np.asarray(lensjax.forward(b.config, b.params, ids)))
+    kw = dict(decoder_input_ids=ids[:, :4]) if family in ENCODER_DECODER else {}
+    np.testing.assert_array_equal(np.asarray(lensjax.forward(a.config, a.params, ids, **kw)),
+                                  np.asarray(lensjax.forward(b.config, b.params, ids, **kw)))
     del hf
 
 
