@@ -182,3 +182,52 @@ def test_validation_split_is_capped_with_a_fixed_seed(tmp_path):
     finally:
         data_mod.MAX_HELD_OUT = orig
     assert len(a) == 12 and a == b and len(c) == 5 and set(a.prompts) <= {r["input"] for r in rows[20:]}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_target_loss_is_hf_labels_loss(tmp_path, family):
+    """The batch of an encoder-decoder (prompt → encoder, start token + target → decoder) gives
+    Hugging Face's own ``model(input_ids, labels=...)`` loss, which shifts the labels itself."""
+    import torch
+
+    from lensjax.models.lm import mean_target_loss
+    from lensjax.selection.data import Pairs, make_batch
+
+    hf = make_with_tokenizer(family, tmp_path / family)
+    m = lensjax.load(tmp_path / family)
+    tok = tokenize(m.tokenizer, Pairs(("12+30=", "7+5="), ("42", "12")), decoder_start=m.config.decoder_start_token_id)
+    for i in range(2):
+        b = make_batch(tok, [i], pad_id=m.tokenizer.pad_token_id)
+        enc = torch.tensor(np.asarray(tok.ids[i][: tok.n_prompt[i]])[None])
+        labels = torch.tensor(np.asarray(tok.ids[i][tok.n_prompt[i]:])[None])
+        with torch.no_grad():
+            ref = float(hf(input_ids=enc, labels=labels).loss)
+        got = float(mean_target_loss(m.config, m.params, {k: np.asarray(v) for k, v in b.items()}))
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_select_on_a_mixed_decoder_and_encoder_decoder_set(tmp_path):
+    """`lensjax select --models` with one decoder-only and two encoder-decoder candidates: curves,
+    NTK statistics and a ranking for all three."""
+    for fam in ("llama", "t5", "bart"):
+        make_with_tokenizer(fam, tmp_path / fam)
+    dirs = [str(tmp_path / f) for f in ("llama", "t5", "bart")]
+    data = write_addition_jsonl(tmp_path / "add.jsonl", n=200)
+    out, curves, ntk = tmp_path / "res.json", tmp_path / "curves.csv", tmp_path / "ntk.safetensors"
+    res = CliRunner().invoke(app, ["select", "--models", ",".join(dirs), "--dataset", str(data), "--budget", "40",
+                                   "--base", "10", "--target-size", "400", "--lr", "1e-3", "--json", str(out),
+                                   "--curves-out", str(curves), "--ntk-out", str(ntk), "--n-probe", "8",
+                                   "--n-eval", "20", "--patience", "0"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert sorted(payload["ranking"]) == sorted(dirs) and set(payload["ntk"]) == set(dirs)
+    rows = list(csv.reader(open(curves)))
+    assert rows[0][:5] == ["config name", "0", "10", "20", "40"] and len(rows) == 4
+    for r in rows[1:]:
+        losses = [float(x) for x in r[1:5]]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0], r  # fine-tuning helps every family
+    from safetensors import safe_open
+
+    with safe_open(str(ntk), "numpy") as f:
+        for i in range(3):
+            assert np.all(np.isfinite(f.get_tensor(f"{i}.eigvals")))

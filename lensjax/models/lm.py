@@ -3,7 +3,10 @@ LensLLM's fine-tuning and NTK and by the SVF trainer).
 
 A batch is a dict of int/bool arrays [B, T]: ``ids`` (prompt then target tokens, right padded),
 ``attn`` (real tokens) and ``target`` (tokens whose log-probability counts: the target part).
-Token t is scored by the logits at position t − 1.
+Token t is scored by the logits at position t − 1. An encoder-decoder's batch (from
+:func:`lensjax.selection.data.make_batch`) has the encoder input in ``ids``/``attn`` and the
+decoder's in ``dec_ids``/``dec_attn``/``dec_target`` (start token first); the scores are then
+those of the decoder's tokens.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from lensjax.config import ModelConfig
-from lensjax.models.transformer import _forward
+from lensjax.models.transformer import _forward, forward_encdec
 
 
 def token_logprobs(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
     """(log p(ids[t] | ids[<t]) [B, T−1], weight [B, T−1]) for the target tokens."""
+    if cfg.is_encoder_decoder:
+        if "dec_ids" not in batch:
+            raise ValueError(f"{cfg.family} is an encoder-decoder: the batch needs dec_ids/dec_attn/dec_target "
+                             "(tokenize with decoder_start=config.decoder_start_token_id)")
+        logits = forward_encdec(cfg, params, batch["ids"], batch["attn"], batch["dec_ids"], batch["dec_attn"])
+        return logprobs_from_logits(logits, {"ids": batch["dec_ids"], "attn": batch["dec_attn"],
+                                             "target": batch["dec_target"]})
     logits, _ = _forward(cfg, params, batch["ids"], batch["attn"], None, None)
     return logprobs_from_logits(logits, batch)
 

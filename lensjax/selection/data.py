@@ -88,10 +88,14 @@ def load_pairs(name_or_path: str, *, prompt_column: str = "input", target_column
 
 @dataclasses.dataclass(frozen=True)
 class Tokenized:
-    """Token ids per example, with the number of prompt tokens (the rest is the target)."""
+    """Token ids per example, with the number of prompt tokens (the rest is the target).
+
+    ``decoder_start`` set: an encoder-decoder's data — the prompt feeds the encoder and the
+    decoder reads ``decoder_start`` then the target (teacher forcing)."""
 
     ids: tuple[tuple[int, ...], ...]
     n_prompt: tuple[int, ...]
+    decoder_start: int | None = None
 
     def __len__(self):
         return len(self.ids)
@@ -101,15 +105,27 @@ class Tokenized:
         return float(np.mean([len(x) for x in self.ids]))
 
 
-def tokenize(tokenizer, pairs: Pairs, max_len: int = 128, add_eos: bool = True) -> Tokenized:
+def tokenize(tokenizer, pairs: Pairs, max_len: int = 128, add_eos: bool = True,
+             decoder_start: int | None = None) -> Tokenized:
     """prompt + target (+ EOS) per example; the prompt is cut from the left when the example is
-    longer than ``max_len`` (the target is kept whole up to ``max_len``)."""
+    longer than ``max_len`` (the target is kept whole up to ``max_len``).
+
+    With ``decoder_start`` (an encoder-decoder's ``decoder_start_token_id``) the prompt (its last
+    ``max_len`` tokens, an EOS if it is empty) is the encoder input and the target (+ EOS) is cut
+    to ``max_len − 1`` so that the start token and the target fit the same length."""
     if tokenizer is None:
         raise DataError("the model has no tokenizer (tokenizer.json / tokenizer_config.json in its folder)")
     p_ids = tokenizer(list(pairs.prompts), add_special_tokens=False)["input_ids"]
     t_ids = tokenizer(list(pairs.targets), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     ids, n_prompt = [], []
+    if decoder_start is not None:
+        for p, t in zip(p_ids, t_ids):
+            p = list(p)[-max_len:] or (eos or [tokenizer.pad_token_id or 0])[:1]
+            t = (list(t) + eos)[: max_len - 1]
+            ids.append(tuple(p + t))
+            n_prompt.append(len(p))
+        return Tokenized(tuple(ids), tuple(n_prompt), int(decoder_start))
     for p, t in zip(p_ids, t_ids):
         t = (list(t) + eos)[:max_len]
         p = list(p)[max(0, len(p) - (max_len - len(t))):] if len(t) < max_len else []
@@ -126,7 +142,13 @@ def bucket(n: int, multiple: int = LENGTH_BUCKET) -> int:
 
 
 def make_batch(tok: Tokenized, idx, pad_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
-    """Right-padded arrays ``ids``, ``attn``, ``target`` [B, bucket(max length)]."""
+    """Right-padded arrays ``ids``, ``attn``, ``target`` [B, bucket(max length)].
+
+    Encoder-decoder data: ``ids``/``attn`` [B, Te] are the encoder input and ``dec_ids``,
+    ``dec_attn``, ``dec_target`` [B, Td] the decoder's (start token, then the target; every target
+    token counts). ``length`` fixes both lengths."""
+    if tok.decoder_start is not None:
+        return _make_encdec_batch(tok, idx, pad_id, length)
     rows = [tok.ids[i] for i in idx]
     T = length or bucket(max(len(r) for r in rows))
     ids = np.full((len(rows), T), pad_id, np.int32)
@@ -137,3 +159,20 @@ def make_batch(tok: Tokenized, idx, pad_id: int = 0, length: int | None = None) 
         attn[b, : len(r)] = True
         target[b, tok.n_prompt[i]: len(r)] = True
     return {"ids": ids, "attn": attn, "target": target}
+
+
+def _make_encdec_batch(tok: Tokenized, idx, pad_id, length):
+    enc = [tok.ids[i][: tok.n_prompt[i]] for i in idx]
+    dec = [(tok.decoder_start,) + tuple(tok.ids[i][tok.n_prompt[i]:]) for i in idx]
+    out = {}
+    for name, rows in (("", enc), ("dec_", dec)):
+        T = length or bucket(max(len(r) for r in rows))
+        ids = np.full((len(rows), T), pad_id, np.int32)
+        attn = np.zeros((len(rows), T), bool)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            attn[b, : len(r)] = True
+        out[name + "ids"], out[name + "attn"] = ids, attn
+    out["dec_target"] = out["dec_attn"].copy()
+    out["dec_target"][:, 0] = False  # the start token is context, not a target
+    return out

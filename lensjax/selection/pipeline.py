@@ -117,6 +117,8 @@ def compute_ntk(config, params, data, cfg: NTKConfig, pad_id: int, lr: float) ->
     p_ntk, mask = params, None
     n_params = _param_count(params)
     mean_tok = float(np.mean(np.asarray(probe["attn"]).sum(axis=1)))
+    if "dec_attn" in probe:  # encoder-decoder: encoder and decoder tokens both cost
+        mean_tok += float(np.mean(np.asarray(probe["dec_attn"]).sum(axis=1)))
     flops = 6.0 * n_params * mean_tok * n + 2.0 * n * n * n_params  # per-sample gradients + Gram
     if cfg.kernel == "adam":
         pre = adam_preconditioner(config, params, data, pad_id, lr, cfg.adam_steps, seed=cfg.seed)
@@ -190,8 +192,9 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                 raise SelectionError(f"model {name!r} cannot be loaded: {exc}") from exc
             tok = model.tokenizer
             pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-            tr, he = tokenize(tok, train, ft.max_len), tokenize(tok, held, ft.max_len)
-            dev = tokenize(tok, train.take(dev_idx), ft.max_len) if len(dev_idx) else None
+            start = model.config.decoder_start_token_id if model.config.is_encoder_decoder else None
+            tr, he = tokenize(tok, train, ft.max_len, decoder_start=start), tokenize(tok, held, ft.max_len, decoder_start=start)
+            dev = tokenize(tok, train.take(dev_idx), ft.max_len, decoder_start=start) if len(dev_idx) else None
             params_count[name], tokens[name], eval_tokens[name] = _param_count(model.params), tr.mean_tokens, he.mean_tokens
             meta = dict(params=params_count[name], family=model.config.family, tokens_per_sample=tokens[name])
             task = bar.add_task(f"{Path(name).name}", total=len(sizes) + 2) if bar is not None else None
@@ -212,7 +215,7 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                     del p
                 bar is not None and bar.advance(task)
             if need_ntk:
-                ntk_data = tokenize(tok, train.take(order[: ntk_cfg.n_probe]), ft.max_len)
+                ntk_data = tokenize(tok, train.take(order[: ntk_cfg.n_probe]), ft.max_len, decoder_start=start)
                 c = compute_ntk(model.config, model.params, ntk_data, ntk_cfg, pad_id, ft.lr)
                 c.model = name
                 ntks[name] = c
