@@ -1,13 +1,19 @@
 """Benchmark: lensjax vs Hugging Face PyTorch on CPU, in one run.
 
-    python benchmarks/bench_forward.py [--out benchmarks/results/bench_forward.json] [--quick]
+    python benchmarks/bench_forward.py [--out docs/bench_forward.json] [--quick] [--shapes t5-base,...]
+    python benchmarks/bench_forward.py --smoke      # tiny shapes, seconds (the test suite runs it)
 
-Random weights (no hub access) on two shapes: GPT-2 small (124M) and a ~150M Llama
-(hidden 768, 12 layers, 12 heads / 4 kv heads, MLP 3072, vocab 32000).
+Random weights (no hub access) on three shapes: GPT-2 small (124M), a ~150M Llama (hidden 768,
+12 layers, 12 heads / 4 kv heads, MLP 3072, vocab 32000) and T5-base (223M: 12 + 12 layers,
+d_model 768, d_ff 3072, 12 heads, vocab 32128, tied head).
 
 * forward: logits for a batch of 8 × 128 tokens (median of repeats, after warm-up / compile);
+  for T5 the encoder reads 8 × 128 tokens and the decoder 8 × 128 (teacher forcing);
 * generate: greedy decoding of 64 new tokens for 8 prompts of 128 tokens (tokens/s; HF
-  ``generate(do_sample=False)``, EOS suppressed in both so both produce 64 tokens);
+  ``generate(do_sample=False)``, EOS suppressed in both so both produce 64 tokens; T5 encodes
+  the prompt once and decodes 64 tokens);
+* FLOPs: 2 · (matrix parameters touched per token) · tokens, plus attention; the achieved rate
+  is compared with a float32 matmul peak measured in the same run (jax, 2048³);
 * load: wall time and peak RSS of loading the GPT-2 checkpoint (float32 safetensors, ~500 MB),
   each in a fresh subprocess, vs ``transformers`` ``from_pretrained``. "peak − base" is the
   process's peak RSS minus its RSS just before the load.
@@ -41,26 +47,70 @@ def _median_time(fn, repeats):
     return float(np.median(ts))
 
 
-def make_models(root: Path):
-    import torch
+def shape_configs(smoke: bool):
     import transformers as tf
 
-    torch.manual_seed(0)
-    shapes = {
+    if smoke:
+        return {
+            "gpt2-tiny": tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
+            "llama-tiny": tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         pad_token_id=0),
+            "t5-tiny": tf.T5Config(vocab_size=512, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0),
+        }
+    return {
         "gpt2-124M": tf.GPT2Config(),
         "llama-150M": tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
                                      tie_word_embeddings=False, pad_token_id=0),
+        "t5-base": tf.T5Config(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12,
+                               decoder_start_token_id=0, pad_token_id=0),
     }
+
+
+def make_models(root: Path, smoke: bool = False, only=None):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
     out = {}
-    for name, cfg in shapes.items():
+    for name, cfg in shape_configs(smoke).items():
+        if only and name not in only:
+            continue
         d = root / name
         if not (d / "model.safetensors").exists():
-            m = tf.AutoModelForCausalLM.from_config(cfg)
+            auto = tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModelForCausalLM
+            m = auto.from_config(cfg)
             m.save_pretrained(str(d))
             del m
         out[name] = d
     return out
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul rate of this device (GFLOP/s), jax, n × n × n."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = _median_time(lambda: f(a).block_until_ready(), repeats)
+    return 2 * n**3 / t / 1e9
+
+
+def forward_flops(cfg, B: int, T: int, T_dec: int = 0) -> float:
+    """2 · matrix parameters · tokens + attention (QKᵀ and PV) for one forward pass."""
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    ffn = (3 if cfg.gated_mlp else 2) * D * F
+    attn = 2 * D * cfg.q_dim + 2 * D * cfg.kv_dim
+    if cfg.is_encoder_decoder:
+        enc = 2 * B * T * cfg.encoder_layers * (attn + ffn) + 4 * B * T * T * cfg.q_dim * cfg.encoder_layers
+        dec = (2 * B * T_dec * L * (2 * attn + ffn) + 2 * B * T * L * 2 * D * cfg.kv_dim
+               + 4 * B * T_dec * (T_dec + T) * cfg.q_dim * L)
+        return float(enc + dec + 2 * B * T_dec * D * V)
+    return float(2 * B * T * (L * (attn + ffn) + D * V) + 4 * B * T * T * cfg.q_dim * L)
 
 
 def bench_compute(path: Path, args) -> dict:
@@ -71,20 +121,27 @@ def bench_compute(path: Path, args) -> dict:
     import lensjax
 
     torch.set_num_threads(os.cpu_count() or 2)
-    hf = tf.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa").eval()
     model = lensjax.load(path, tokenizer=False)
+    cfg = model.config
+    encdec = cfg.is_encoder_decoder
+    auto = tf.AutoModelForSeq2SeqLM if encdec else tf.AutoModelForCausalLM
+    hf = auto.from_pretrained(str(path), attn_implementation="sdpa").eval()
     n_params = sum(p.numel() for p in hf.parameters())
     rng = np.random.default_rng(0)
-    B, T, N = 8, 128, args.new_tokens
-    ids = rng.integers(3, 1000, size=(B, T))
+    B, T, N = args.batch, args.tokens, args.new_tokens
+    ids = rng.integers(3, min(1000, cfg.vocab_size), size=(B, T))
     tids = torch.tensor(ids)
+    dec = np.concatenate([np.zeros((B, 1), np.int64), ids[:, :-1]], axis=1)  # T5: start token 0, then shifted
+    tdec = torch.tensor(dec)
+    kw_hf = dict(decoder_input_ids=tdec) if encdec else {}
+    kw_lj = dict(decoder_input_ids=dec) if encdec else {}
 
     def hf_fwd():
         with torch.no_grad():
-            return hf(tids).logits
+            return hf(input_ids=tids, **kw_hf).logits
 
     def lj_fwd():
-        return lensjax.forward(model.config, model.params, ids).block_until_ready()
+        return lensjax.forward(cfg, model.params, ids, **kw_lj).block_until_ready()
 
     t0 = time.perf_counter()
     lj_fwd()
@@ -110,13 +167,19 @@ def bench_compute(path: Path, args) -> dict:
     g_hf = hf_gen()
     rg = max(1, r // 2)
     tg_hf, tg_lj = _median_time(hf_gen, rg), _median_time(lj_gen, rg)
-    same = float((np.asarray(g_lj)[:, T:] == g_hf.numpy()[:, T:]).mean())
+    skip = 1 if encdec else T  # HF returns the decoder start token / the prompt first
+    same = float((np.asarray(g_lj)[:, skip:] == g_hf.numpy()[:, skip:]).mean())
+    flops = forward_flops(cfg, B, T, T if encdec else 0)
     return {
         "params": int(n_params),
+        "family": cfg.family,
+        "batch": [B, T], "new_tokens": N,
         "forward_s": {"hf": t_hf, "lensjax": t_lj, "speedup": t_hf / t_lj, "lensjax_compile_s": compile_fwd,
-                      "max_abs_logit_diff": fwd_err},
+                      "max_abs_logit_diff": fwd_err, "flops": flops, "lensjax_gflop_s": flops / t_lj / 1e9,
+                      "hf_gflop_s": flops / t_hf / 1e9},
         "generate": {"hf_tok_s": B * N / tg_hf, "lensjax_tok_s": B * N / tg_lj, "speedup": tg_hf / tg_lj,
-                     "lensjax_compile_s": compile_gen, "greedy_token_agreement": same},
+                     "lensjax_compile_s": compile_gen, "greedy_token_agreement": same,
+                     "weight_bytes_per_step": int(4 * n_params)},
     }
 
 
@@ -162,32 +225,54 @@ def bench_load(path: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/bench_forward.json")
+    ap.add_argument("--out", default="docs/bench_forward.json")
     ap.add_argument("--models", default=os.environ.get("LENSJAX_BENCH_MODELS", str(Path(tempfile.gettempdir()) / "lensjax-bench-models")))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of the shapes")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, 2 x 16 tokens, 4 new (a test)")
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
-    paths = make_models(Path(args.models))
+    if args.smoke:
+        args.repeats, args.batch, args.tokens, args.new_tokens = 1, 2, 16, 4
+        args.models = str(Path(args.out).parent / "models")
+    only = set(args.shapes.split(",")) if args.shapes else None
+    paths = make_models(Path(args.models), smoke=args.smoke, only=only)
+    peak = matmul_peak(256 if args.smoke else 2048)
     results = {name: bench_compute(p, args) for name, p in paths.items()}
-    load = bench_load(paths["gpt2-124M"])
+    for r in results.values():
+        r["forward_s"]["lensjax_fraction_of_peak"] = r["forward_s"]["lensjax_gflop_s"] / peak
+    first = next(iter(paths.values()))
+    load = bench_load(paths.get("gpt2-124M", first))
 
-    print(f"\n{'model':<12}{'task':<28}{'HF torch':>12}{'lensjax':>12}{'ratio':>8}")
+    B, T, N = args.batch, args.tokens, args.new_tokens
+    print(f"\nmeasured float32 matmul peak: {peak:.0f} GFLOP/s")
+    print(f"\n{'model':<12}{'task':<28}{'HF torch':>12}{'lensjax':>12}{'ratio':>8}{'GFLOP/s':>9}{'of peak':>9}")
     for name, r in results.items():
         f, g = r["forward_s"], r["generate"]
-        print(f"{name:<12}{'forward 8x128 (s)':<28}{f['hf']:>12.4f}{f['lensjax']:>12.4f}{f['speedup']:>7.2f}x")
-        print(f"{'':<12}{'greedy 8x64 new (tok/s)':<28}{g['hf_tok_s']:>12.1f}{g['lensjax_tok_s']:>12.1f}{g['speedup']:>7.2f}x")
+        print(f"{name:<12}{f'forward {B}x{T} (s)':<28}{f['hf']:>12.4f}{f['lensjax']:>12.4f}{f['speedup']:>7.2f}x"
+              f"{f['lensjax_gflop_s']:>9.0f}{f['lensjax_fraction_of_peak']:>9.2f}")
+        print(f"{'':<12}{f'greedy {B}x{N} new (tok/s)':<28}{g['hf_tok_s']:>12.1f}{g['lensjax_tok_s']:>12.1f}{g['speedup']:>7.2f}x")
         print(f"{'':<12}compile: forward {f['lensjax_compile_s']:.1f} s, generate {g['lensjax_compile_s']:.1f} s; "
               f"max |Δlogit| {f['max_abs_logit_diff']:.2e}; greedy agreement {g['greedy_token_agreement']:.3f}")
     mb = load["file_bytes"] / 2**20
-    print(f"\nload gpt2-124M ({mb:.0f} MiB safetensors):")
+    print(f"\nload {Path(paths.get('gpt2-124M', first)).name} ({mb:.0f} MiB safetensors):")
     for which in ("lensjax", "hf"):
         r = load[which]
         print(f"  {which:<8} wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
               f"peak − base {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB = {r['peak_minus_base_over_file']:.2f}x file")
-    payload = {"models": results, "load": load}
+    import jax
+    import torch
+    import transformers
+
+    payload = {"models": results, "load": load, "matmul_peak_gflop_s": peak,
+               "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+               "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+               "settings": {"batch": B, "tokens": T, "new_tokens": N, "repeats": args.repeats, "smoke": args.smoke}}
     path = atomic_write(args.out, json.dumps(payload, indent=2))
     print(f"wrote {path}")
 

@@ -34,6 +34,7 @@ def _svf_load(model: str, targets: str, cache_dir: Optional[Path]):
     from lensjax.svf import core
 
     m = lensjax.load(model)
+    core.check_model(m.config)
     if m.tokenizer is None:
         raise core.SVFError(f"{model}: SVF needs the model's tokenizer")
     cache = cache_dir if cache_dir is not None else Path(m.path) / ".lensjax-svd"

@@ -140,7 +140,8 @@ def test_t5_buckets_match_hf():
             np.testing.assert_array_equal(_bucket_table(nb, md, bi, 600), ref)
 
 
-@pytest.mark.parametrize("family,kw", [("t5", {}), ("t5v11", {}), ("bart", {}), ("switch", {}), ("phi", {})])
+@pytest.mark.parametrize("family,kw", [("t5", {}), ("t5v11", {}), ("mt5", {}), ("bart", dict(scale_embedding=True)),
+                                       ("switch", {}), ("phi", {})])
 def test_save_loads_in_transformers(tmp_path, family, kw):
     import transformers as tf
 
@@ -214,3 +215,28 @@ def test_encoder_decoder_forward_needs_decoder_inputs(tmp_path):
         lensjax.forward(m.config, m.params, np.ones((1, 4), np.int32))
     labels = np.array([[5, 6, -100]])
     np.testing.assert_array_equal(lensjax.models.shift_right(labels, m.config), [[0, 5, 6]])
+
+
+def test_svf_refuses_encoder_decoders_and_adapts_phi(tmp_path):
+    """SVF: an encoder-decoder gets a clear refusal; Phi (decoder-only) decomposes, and z = 1 and a
+    z ≠ 1 give the base logits and different logits."""
+    import jax.numpy as jnp
+
+    from lensjax.svf import core
+
+    make("t5", tmp_path / "t5")
+    with pytest.raises(core.SVFError, match="t5 is an encoder-decoder"):
+        core.check_model(lensjax.load(tmp_path / "t5").config)
+    make("phi", tmp_path / "phi")
+    m = lensjax.load(tmp_path / "phi")
+    core.check_model(m.config)
+    dec = core.decompose_params(m.params, "all")
+    assert set(dec.paths) == {"layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w", "layers/attn/o/w",
+                              "layers/mlp/up/w", "layers/mlp/down/w"}
+    ids = np.random.default_rng(0).integers(3, 128, size=(2, 8))
+    base = np.asarray(lensjax.forward(m.config, m.params, ids))
+    z1 = core.init_z(dec)
+    same = np.asarray(lensjax.forward(m.config, core.adapted_params(m.params, dec, z1), ids))
+    np.testing.assert_allclose(same, base, atol=1e-4)
+    z2 = {k: v * jnp.linspace(0.5, 1.5, v.shape[-1]) for k, v in z1.items()}
+    assert np.abs(np.asarray(lensjax.forward(m.config, core.adapted_params(m.params, dec, z2), ids)) - base).max() > 1e-2

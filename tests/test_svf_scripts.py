@@ -1,4 +1,4 @@
-"""Smoke runs of the SVF experiment and benchmark scripts at their smallest settings."""
+"""Smoke runs of the experiment and benchmark scripts at their smallest settings."""
 
 import json
 import subprocess
@@ -49,3 +49,13 @@ def test_bench_cem_smoke(tmp_path):
     assert tiny["generate"]["tokens_equal_fraction"] == 1.0  # batched greedy tokens = per-member ones
     assert tiny["loglik"]["max_abs_loglik_difference"] < 1e-4
     assert tiny["generate"]["torch per-member"]["batched_speedup"] > 0 and "speed-up of batched" in out
+
+
+def test_bench_forward_smoke(tmp_path):
+    """benchmarks/bench_forward.py --smoke: tiny GPT-2, Llama and T5 against HF in one run."""
+    data, out = _run("benchmarks/bench_forward.py", tmp_path / "f.json")
+    assert set(data["models"]) == {"gpt2-tiny", "llama-tiny", "t5-tiny"}
+    for r in data["models"].values():
+        assert r["forward_s"]["max_abs_logit_diff"] < 1e-4 and r["generate"]["greedy_token_agreement"] == 1.0
+        assert r["forward_s"]["flops"] > 0 and 0 < r["forward_s"]["lensjax_fraction_of_peak"]
+    assert data["matmul_peak_gflop_s"] > 0

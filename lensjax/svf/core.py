@@ -41,6 +41,13 @@ class SVFError(ValueError):
     """SVF cannot be applied as asked."""
 
 
+def check_model(config) -> None:
+    """SVF runs on decoder-only models (every family lensjax loads but the encoder-decoders)."""
+    if config.is_encoder_decoder:
+        raise SVFError(f"SVF supports decoder-only models; {config.family} is an encoder-decoder, whose encoder, "
+                       "decoder and cross-attention matrices are not SVF targets in lensjax")
+
+
 def target_paths(params: dict, targets: str) -> tuple[str, ...]:
     if targets not in TARGETS:
         raise SVFError(f"unknown targets {targets!r}; choose one of {', '.join(TARGETS)}")

@@ -231,6 +231,7 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
     writes ``out/best.safetensors`` (the best z by validation accuracy)."""
     from lensjax.svf.experts import save_expert
 
+    core.check_model(model.config)
     out = Path(out)
     z = core.init_z(dec, cfg.parameterisation, jax.random.key(cfg.seed))
     opt = make_optimizer(cfg)
