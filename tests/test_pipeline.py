@@ -206,6 +206,7 @@ def test_encoder_decoder_target_loss_is_hf_labels_loss(tmp_path, family):
         assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_select_on_a_mixed_decoder_and_encoder_decoder_set(tmp_path):
     """`lensjax select --models` with one decoder-only and two encoder-decoder candidates: curves,
     NTK statistics and a ranking for all three."""

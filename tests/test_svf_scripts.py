@@ -51,6 +51,7 @@ def test_bench_cem_smoke(tmp_path):
     assert tiny["generate"]["torch per-member"]["batched_speedup"] > 0 and "speed-up of batched" in out
 
 
+@pytest.mark.slow
 def test_bench_forward_smoke(tmp_path):
     """benchmarks/bench_forward.py --smoke: tiny GPT-2, Llama and T5 against HF in one run."""
     data, out = _run("benchmarks/bench_forward.py", tmp_path / "f.json")
