@@ -240,3 +240,17 @@ def test_svf_refuses_encoder_decoders_and_adapts_phi(tmp_path):
     np.testing.assert_allclose(same, base, atol=1e-4)
     z2 = {k: v * jnp.linspace(0.5, 1.5, v.shape[-1]) for k, v in z1.items()}
     assert np.abs(np.asarray(lensjax.forward(m.config, core.adapted_params(m.params, dec, z2), ids)) - base).max() > 1e-2
+
+
+def test_readme_checkpoint_snippet_runs_as_written(monkeypatch):
+    """The README's snippet of the checkpoints section (decoder-only and T5) runs as written."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Hugging Face checkpoints, forward pass and sampler"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 11) and scope["logits"].shape == (2, 3, 128)
