@@ -103,7 +103,7 @@ def test_switch_capacity_drops_tokens_like_hf(tmp_path):
     assert np.abs(la - lb)[dmask].max() > 1e-2
 
 
-GEN_CASES = [("t5", {}), ("t5v11", {}), ("bart", {}), ("switch", dict(capacity=2)), ("phi", {}),
+GEN_CASES = [("t5", {}), ("t5v11", {}), ("mt5", {}), ("bart", {}), ("switch", dict(capacity=2)), ("phi", {}),
              ("gpt2", dict(inverse_layer=True))]
 
 
@@ -254,3 +254,35 @@ def test_readme_checkpoint_snippet_runs_as_written(monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (2, 11) and scope["logits"].shape == (2, 3, 128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "bart", "switch", "phi"])
+def test_ntk_exact_and_sketch_on_the_new_families(tmp_path, family):
+    """The exact NTK of the per-sample target log-likelihood equals J Jᵀ from jax.jacrev for an
+    encoder-decoder (and Phi), and the sketch estimates it (relative error ≲ 2/√k)."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from lensjax.kernels import ntk
+    from lensjax.models.lm import scalar_fn
+    from lensjax.selection.data import Pairs, make_batch, tokenize
+    from tiny_hf import char_tokenizer
+
+    make(family, tmp_path)
+    m = lensjax.load(tmp_path)
+    start = m.config.decoder_start_token_id if m.config.is_encoder_decoder else None
+    pairs = Pairs(tuple(f"{a}+{a + 3}=" for a in range(8)), tuple(str(2 * a + 3) for a in range(8)))
+    tok = tokenize(char_tokenizer(), pairs, 16, decoder_start=start)
+    batch = {k: jax.numpy.asarray(v) for k, v in make_batch(tok, np.arange(8)).items()}
+    assert ("dec_ids" in batch) == m.config.is_encoder_decoder
+    f = scalar_fn(m.config)
+    flat, unravel = ravel_pytree(m.params)
+    J = jax.jacrev(lambda v: jax.vmap(lambda ex: f(unravel(v), ex))(batch))(flat)
+    J64 = np.asarray(J, np.float64)
+    ref = J64 @ J64.T
+    K = np.asarray(ntk.ntk_exact(f, m.params, batch, chunk_size=4))
+    # float32 per-sample gradients on both sides, summed in other orders (Switch: 1.6e-5)
+    assert np.abs(K - ref).max() / np.abs(ref).max() <= 5e-5
+    S = np.asarray(ntk.ntk_sketch(f, m.params, batch, jax.random.key(0), k=256, chunk_size=8))
+    assert np.linalg.norm(S - ref) / np.linalg.norm(ref) <= 2 / np.sqrt(256) * 2
