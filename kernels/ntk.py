@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from . import xla
+
 Array = jax.Array
 ScalarFn = Callable[[Any, Any], Array]
 
@@ -84,7 +86,7 @@ def jacobian_rows(f: ScalarFn, params, batch, *, chunk_size: int = 8, mask=None)
     return _jacobian_rows(f, params, batch, chunk_size, _flags(mask))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(xla.jit, static_argnums=(0, 3, 4))
 def _jacobian_rows(f, params, batch, chunk_size, flags):
     sub, rebuild = _split(params, flags)
 
@@ -102,7 +104,7 @@ def ntk_exact(f: ScalarFn, params, batch, *, chunk_size: int = 8, mask=None, sto
     return _ntk_exact(f, params, batch, chunk_size, _flags(mask), store_jacobian)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+@functools.partial(xla.jit, static_argnums=(0, 3, 4, 5))
 def _ntk_exact(f, params, batch, chunk_size, flags, store_jacobian):
     if store_jacobian:
         j = _jacobian_rows(f, params, batch, chunk_size, flags)
@@ -134,7 +136,7 @@ def ntk_sketch(f: ScalarFn, params, batch, key, *, k: int = 64, chunk_size: int 
     return _ntk_sketch(f, params, batch, key, k, chunk_size, _flags(mask))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+@functools.partial(xla.jit, static_argnums=(0, 4, 5, 6))
 def _ntk_sketch(f, params, batch, key, k, chunk_size, flags):
     sub, rebuild = _split(params, flags)
     flat, unravel = ravel_pytree(sub)

@@ -54,7 +54,10 @@ def test_masked_ntk_and_candidates_vmapped(tiny):
     # two candidates of one shape in one vmapped call
     two = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a]), model.params)
     Ks = jax.vmap(lambda p: ntk.ntk_exact(f, p, batch, chunk_size=4))(two)
-    np.testing.assert_allclose(np.asarray(Ks[0]), np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4)), rtol=1e-5, atol=1e-6)
+    # (the vmapped call is one program and the plain call another, compiled with other dot routing
+    # on CPU, kernels/xla.py: equal up to float32 summation order)
+    K1 = np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4))
+    np.testing.assert_allclose(np.asarray(Ks[0]), K1, rtol=1e-5, atol=1e-5 * np.abs(K1).max())
 
 
 def test_f_term_equals_expm():

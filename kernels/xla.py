@@ -1,0 +1,73 @@
+"""Per-program XLA compiler options, chosen by backend at the first call.
+
+On CPU, this jaxlib routes dot products to the YNN library by default (``__ynn_fusion`` in the
+compiled HLO). For the tall-skinny contractions of the kernels here (``J Jᵀ`` over millions of
+parameters, the per-sample gradients and the train step's weight gradients) that path ran 3–4×
+below the plain Eigen dots on a 2-core CPU (issue 14: a [64, 10M] Gram 28 → 98 GFLOP/s). The
+option ``xla_cpu_experimental_ynn_fusion_type=""`` turns it off for one program only, through
+``jax.jit(..., compiler_options=...)``; numerics change only by summation order. Other backends
+get no options.
+
+The backend is read at the first call, not at import, so importing lensjax never initialises
+JAX's backends (a user may still set ``jax_num_cpu_devices`` or ``XLA_FLAGS`` after the import).
+``LENSJAX_XLA_OPTIONS=0`` in the environment turns the options off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(backend: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The options for ``backend`` (default: JAX's default backend) that this jaxlib accepts."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or os.environ.get("LENSJAX_XLA_OPTIONS", "1") == "0":
+        return ()
+    try:  # an older or newer jaxlib may not know the flag: then compile without it
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
+    except Exception:  # noqa: BLE001 - any refusal means "not supported here"
+        return ()
+    return tuple(CPU_OPTIONS.items())
+
+
+class _Jit:
+    """``jax.jit`` whose compiler options are picked at the first call (see module notes)."""
+
+    def __init__(self, fun, kwargs):
+        self.fun, self.kwargs, self._jitted = fun, kwargs, None
+        self._nested = jax.jit(fun, **kwargs)  # inside another trace: options belong to the outer program
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            opts = dict(compiler_options())
+            self._jitted = jax.jit(self.fun, **self.kwargs, **({"compiler_options": opts} if opts else {}))
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)
+        return self._get()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._get().lower(*args, **kwargs)
+
+    def clear_cache(self):
+        if self._jitted is not None:
+            self._jitted.clear_cache()
+
+    def _cache_size(self):
+        return self._get()._cache_size()
+
+
+def jit(fun=None, **kwargs):
+    """Drop-in ``jax.jit`` (decorator or call, same keyword arguments) with the backend's options."""
+    if fun is None:
+        return lambda f: _Jit(f, kwargs)
+    return _Jit(fun, kwargs)
