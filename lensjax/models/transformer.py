@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from lensjax.config import ModelConfig
-from lensjax.models.layers import (  # noqa: F401  (NEG_INF, _dense, rope_inv_freq: re-exported)
-    NEG_INF, act, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
+from lensjax.models.layers import (  # noqa: F401  (NEG_INF, rope_inv_freq: re-exported)
+    NEG_INF, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
 )
 
 _dense = dense  # the name lensjax.svf's notes refer to
@@ -51,9 +51,8 @@ def _stack_params(cfg: ModelConfig, params: dict, stack: str) -> dict:
     if cfg.is_encoder_decoder:
         return params[stack]
     sp = {"layers": params["layers"]}
-    for key in ("final_norm",):
-        if key in params:
-            sp[key] = params[key]
+    if "final_norm" in params:
+        sp["final_norm"] = params["final_norm"]
     if "positions" in params["embed"]:
         sp["positions"] = params["embed"]["positions"]
     return sp
