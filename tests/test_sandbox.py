@@ -107,16 +107,16 @@ def similar_elements(list1, list2):
 """
 
 
-def _sandbox_dirs():
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("lensjax-sbx-")}
+def _sandbox_dirs(base):
+    return {n for n in os.listdir(base) if n.startswith("lensjax-sbx-")}
 
 
-def _sandbox_processes():
+def _sandbox_processes(base):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"lensjax-sbx-" in f.read():
+                if os.fsencode(os.path.join(base, "lensjax-sbx-")) in f.read():
                     found.append(pid)
         except OSError:
             pass
@@ -124,12 +124,18 @@ def _sandbox_processes():
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers():
-    """Every run removes its temporary directory and leaves no process behind, even on timeout."""
-    before = _sandbox_dirs()
+def no_leftovers(tmp_path_factory, monkeypatch):
+    """Every run removes its temporary directory and leaves no process behind, even on timeout.
+
+    Each test gets its own temporary root, so sandboxes that another pytest worker (or anything else
+    on the machine) runs at the same time cannot make this check fail or pass by accident.
+    """
+    base = str(tmp_path_factory.mktemp("sbxroot"))
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    assert _sandbox_dirs(base) == set()
     yield
-    assert _sandbox_dirs() == before
-    assert _sandbox_processes() == []
+    assert _sandbox_dirs(base) == set()
+    assert _sandbox_processes(base) == []
 
 
 @pytest.fixture
@@ -308,7 +314,7 @@ def test_a_fork_bomb_creates_nothing():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except BaseException:\n        pass\n"
     result = run_program(bomb, FAST)
     assert result.status == "blocked" and result.elapsed_s < 2
-    assert _sandbox_processes() == []
+    assert _sandbox_processes(tempfile.gettempdir()) == []
 
 
 @pytest.mark.parametrize("attempt", [
