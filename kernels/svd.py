@@ -1,7 +1,7 @@
 """Singular-value re-parameterisation of stacked weight matrices (Transformer² SVF).
 
 A target leaf ``W [L, in, out]`` is decomposed once, ``W = U diag(σ) Vᵀ`` per layer (economy SVD,
-``r = min(in, out)``, one batched ``jnp.linalg.svd`` over L). An expert is a vector ``s′ = σ ⊙ g(z)``
+``r = min(in, out)``, batched over L; :func:`decompose` for the method). An expert is a vector ``s′ = σ ⊙ g(z)``
 per layer, and the adapted matrix is written in *delta form*
 
     W′ = W + U diag(σ ⊙ (g(z) − 1)) Vᵀ
@@ -23,25 +23,115 @@ VJP is used.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from . import xla
 
 Array = jax.Array
 
 
-@jax.jit
-def decompose(w_Lio: Array) -> tuple[Array, Array, Array]:
-    """Economy SVD of each ``[in, out]`` slice, in float32: U [L, in, r], σ [L, r], Vᵀ [L, r, out].
+GRAM_MAX_CONDITION = 1e4
+"""Largest σ_max/σ_min of a slice that the Gram route decomposes (above it: ``gesdd``)."""
+GRAM_WORKSET_BYTES = 1 << 30
+"""Float64 working set of one Gram-route program; a larger leaf is decomposed in slices (lax.map)."""
+METHODS = ("auto", "gram", "gesdd")
 
-    Wide slices (in < out) are decomposed as their transpose (Wᵀ = V σ Uᵀ), which LAPACK's CPU
-    path does markedly faster (measured 17.9 s -> 10.3 s for the 36 MLP matrices of a 150M Llama).
+
+def decompose(w_Lio: Array, method: str = "auto", max_condition: float = GRAM_MAX_CONDITION
+              ) -> tuple[Array, Array, Array]:
+    """Economy SVD of each ``[in, out]`` slice, in float32: U [L, in, r], σ [L, r] (descending), Vᵀ [L, r, out].
+
+    ``method``:
+
+    * ``"gram"`` (the default on CPU, ``"auto"``): in float64, ``G = AᵀA`` (or ``AAᵀ`` for a wide
+      slice, always the smaller side n), ``eigh(G) = V diag(λ) Vᵀ``, ``σ = √λ``, ``U = AV/σ``. Two
+      n·n·m products and an n×n symmetric eigensolve instead of a bidiagonalisation, so it runs
+      at matmul speed. Its singular vectors lose ≈ ε₆₄·κ² of orthogonality (measured on a
+      1536×384 slice: 5e-9 at κ = 1e4, 4e-7 at 1e5, 3e-5 at 1e6; float32 gesdd 1.3e-8); so every
+      slice with κ = σ_max/σ_min above ``max_condition`` (or rank-deficient) is decomposed again by
+      ``gesdd`` (checked on the host after the Gram pass; the result is the same either way to
+      float32 rounding). LAPACK's eigensolver runs with one BLAS thread per call while XLA spreads
+      the batch over its threads (unlimited, the two pools oversubscribe the cores: [12, 768, 768]
+      eigh 1.85 s -> 0.72 s on 2 cores).
+    * ``"gesdd"``: one batched ``jnp.linalg.svd`` (LAPACK gesdd on CPU, the backend's batched
+      solver on GPU/TPU). ``"auto"`` picks it on every backend but CPU, and inside a trace (the
+      guard needs concrete values).
     """
-    w = w_Lio.astype(jnp.float32)
-    if w.shape[-2] < w.shape[-1]:
-        u_t, s, vt_t = jnp.linalg.svd(jnp.swapaxes(w, -1, -2), full_matrices=False)
-        return jnp.swapaxes(vt_t, -1, -2), s, jnp.swapaxes(u_t, -1, -2)
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    if method not in METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(METHODS)}")
+    if w_Lio.ndim != 3:
+        raise ValueError(f"decompose expects stacked matrices [L, in, out], got shape {tuple(w_Lio.shape)}")
+    if isinstance(w_Lio, jax.core.Tracer):
+        return _gesdd(w_Lio)
+    if method == "auto":
+        method = "gram" if _platform(w_Lio) == "cpu" else "gesdd"
+    with _one_blas_thread():
+        if method == "gesdd":
+            return jax.block_until_ready(_gesdd(w_Lio))
+        L, m, n = w_Lio.shape
+        per_slice = 8 * (m * n + 2 * min(m, n) ** 2 + m * n)  # A, G, V and U in float64
+        batch = int(max(1, min(L, GRAM_WORKSET_BYTES // per_slice)))
+        with jax.enable_x64(True):
+            u, s, vt, ratio = jax.block_until_ready(_gram(w_Lio, batch))
+        ratio = np.asarray(ratio)
+        bad = np.flatnonzero(~(ratio >= 1.0 / float(max_condition) ** 2))  # NaN counts as bad
+        if bad.size:
+            ub, sb, vtb = jax.block_until_ready(_gesdd(w_Lio[bad]))
+            u, s, vt = u.at[bad].set(ub), s.at[bad].set(sb), vt.at[bad].set(vtb)
     return u, s, vt
+
+
+def _platform(x) -> str:
+    try:
+        return next(iter(x.devices())).platform
+    except (AttributeError, StopIteration):
+        return jax.default_backend()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """One thread in the BLAS libraries LAPACK calls (restored afterwards), if threadpoolctl is there."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it only speed changes
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@jax.jit
+def _gesdd(w):
+    return jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+
+
+@functools.partial(xla.jit, static_argnums=1)
+def _gram(w, batch):
+    """The Gram route on every slice (float64 inside; float32 out) and λ_min/λ_max per slice."""
+    wide = w.shape[-2] < w.shape[-1]
+
+    def one(a):  # a [in, out]
+        a = a.astype(jnp.float64)
+        g = a @ a.T if wide else a.T @ a  # [n, n]
+        lam, q = jnp.linalg.eigh(g)  # ascending
+        lam, q = lam[::-1], q[:, ::-1]
+        sig = jnp.sqrt(jnp.maximum(lam, 0.0))
+        inv = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0), 0.0)
+        if wide:  # A = U Σ Vᵀ with U = q: Vᵀ = Σ⁻¹ Uᵀ A
+            u, vt = q, (q.T @ a) * inv[:, None]
+        else:  # V = q: U = A V Σ⁻¹
+            u, vt = (a @ q) * inv[None, :], q.T
+        ratio = lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0)
+        return u.astype(jnp.float32), sig.astype(jnp.float32), vt.astype(jnp.float32), ratio
+
+    if batch >= w.shape[0]:
+        return jax.vmap(one)(w)
+    return jax.lax.map(one, w, batch_size=batch)
 
 
 def delta_matrix(u: Array, s: Array, vt: Array, g: Array) -> Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensjax.kernels import xla
 from lensjax.config import ModelConfig
 from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
@@ -104,7 +105,7 @@ def scheduled_adamw(weight_decay: float = 0.0) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=32)
 def _scheduled_step(config, optimizer):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(xla.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, lr):
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
         loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
@@ -116,7 +117,7 @@ def _scheduled_step(config, optimizer):
 
 @functools.lru_cache(maxsize=32)
 def _train_step(config, optimizer):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(xla.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -127,7 +128,7 @@ def _train_step(config, optimizer):
 
 @functools.lru_cache(maxsize=32)
 def _eval_sums(config):
-    @jax.jit
+    @xla.jit
     def sums(params, batch):
         from lensjax.models.lm import token_logprobs
 

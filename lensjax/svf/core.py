@@ -93,8 +93,15 @@ def decompose_params(params: dict, targets: str = "mlp", cache_dir: str | os.Pat
             return load_decomposition(cache_file, paths)
     flat = flatten(params)
     u, s, vt = {}, {}, {}
+    groups: dict[tuple, list[str]] = {}  # leaves of one shape are decomposed in one batched call
     for p in paths:
-        u[p], s[p], vt[p] = svd_kernel.decompose(flat[p])
+        groups.setdefault((tuple(flat[p].shape), str(flat[p].dtype)), []).append(p)
+    for group in groups.values():
+        w = flat[group[0]] if len(group) == 1 else jnp.concatenate([flat[p] for p in group])
+        gu, gs, gvt = svd_kernel.decompose(w)
+        n = flat[group[0]].shape[0]
+        for i, p in enumerate(group):
+            u[p], s[p], vt[p] = gu[i * n:(i + 1) * n], gs[i * n:(i + 1) * n], gvt[i * n:(i + 1) * n]
     dec = Decomposition(u, s, vt)
     if cache_file is not None:
         save_decomposition(dec, cache_file)

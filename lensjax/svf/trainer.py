@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from lensjax.io import atomic_write
+from lensjax.kernels import xla
 from lensjax.models.lm import logprobs_from_logits
 from lensjax.models.transformer import _forward
 from lensjax.svf import core
@@ -176,7 +177,7 @@ def policy_loss(model_cfg, cfg: SVFConfig, z, params, dec, batch, adv):
 def _update_fn(model_cfg, cfg: SVFConfig):
     opt = make_optimizer(cfg)
 
-    @jax.jit
+    @xla.jit  # with the backend's compiler options (kernels/xla.py)
     def update(z, opt_state, params, dec, batch, adv):
         (loss, (pg, kl)), g = jax.value_and_grad(
             lambda zz: policy_loss(model_cfg, cfg, zz, params, dec, batch, adv), has_aux=True)(z)
