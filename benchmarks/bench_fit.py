@@ -102,7 +102,11 @@ def main():
     ap.add_argument("--scipy-fits", type=int, default=None, help="time only the first N SciPy fits")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--joint-only", action="store_true", help="only the joint-fit and bootstrap section")
+    ap.add_argument("--quick", action="store_true",
+                    help="40 SciPy fits, 2 repeats, the default LM and one L-BFGS configuration, no joint section")
     args = ap.parse_args()
+    if args.quick:
+        args.scipy_fits, args.repeats = args.scipy_fits or 40, 2
 
     d, y, mask, raw = problems()
     n = d.shape[0]
@@ -133,6 +137,8 @@ def main():
                + [("lbfgs", s, 1000, 30) for s in (1, 4, 8)]
                # L-BFGS with its step budget cut to about the LM default's wall time
                + [("lbfgs", 8, 40, 10), ("lbfgs", 1, 60, 0)])
+    if args.quick:
+        configs = [("lm", 8, 400, 30), ("lbfgs", 8, 40, 10)]
     best = fit_curves("rectified", d, y, mask, n_starts=64, seed=1, screen_steps=0).objective
     results = {}
     for solver, s, steps, screen in configs:
@@ -155,14 +161,14 @@ def main():
         rows.append({"solver": solver, "starts": s, "screen_steps": screen, "compile_plus_first_s": c_first, "warm_s": c_warm,
                      "hit_rate": hit(f.objective), "converged": float(f.converged.mean())})
     print()
-    joint = joint_section(d, y, mask, args.repeats)
+    joint = None if args.quick else joint_section(d, y, mask, args.repeats)
     speedup = sp_time / warm
     better = float(np.mean(ours[:k] <= sp_obj * (1 + 1e-9)))
     print(f"\nspeed-up lensjax (warm) vs SciPy reference: {speedup:.0f}x (goal >= 100x)")
     print(f"lensjax log-MSE <= SciPy reference on {100 * better:.1f}% of fits")
 
     out = {
-        "n_fits": n,
+        "n_fits": n, "quick": args.quick,
         "devices": f"{jax.device_count()} {jax.default_backend()}",
         "lensjax": {"compile_plus_first_s": first, "warm_s": warm, "hit_rate": hit(ours),
                     "converged": float(fit.converged.mean())},

@@ -13,21 +13,22 @@ folder, so both sides hold the same float32 weights.
 What is measured (wall clock, float32, everything in one process, run one after the other):
 
 (a) SVD of every MLP matrix (gate, up, down of all 12 layers = 36 matrices of 768×3072 / 3072×768):
-    * lensjax: ``core.decompose_params(model.params, "mlp")`` — one batched ``jnp.linalg.svd`` per
-      stacked leaf [L, in, out]; "warm" = the median of the calls after the first (the first
+    * lensjax: ``core.decompose_params(model.params, "mlp")`` — leaves of one shape in one batched
+      call of ``kernels.svd.decompose`` (on CPU the float64 Gram route with its gesdd guard); "warm" = the median of the calls after the first (the first
       call's compile + run is reported separately); ``jax.block_until_ready`` on the result;
     * PyTorch: a Python loop of ``torch.linalg.svd(W, full_matrices=False)`` over every MLP weight
       of the HF model (the SakanaAI/self-adaptive-llms approach); "warm" = the median of the full
       loops after the first (one small SVD is run before the first loop).
-    * diagnostic (not a table row): the same batched jnp.linalg.svd applied to the transposed
-      leaves where in < out (σ are the same, U and V swap), to show the layout's cost.
+    * diagnostic (not a table row): the same leaves through the batched LAPACK gesdd
+      (``decompose(w, "gesdd")``), and the float64 reconstruction error and orthogonality of
+      lensjax's factors (goal: reconstruction ≤ 1e-5 relative).
 (b) One SVF training step, batch 8 × 256 random token ids, forward + backward to z only + AdamW
     (lr 2e-3, no weight decay, no clipping, both sides) on z; loss = −mean_i adv_i · Σ_t log p(y_it)
     over the target tokens (positions ≥ 128), adv = 1; z initialised at 1 ("paper"); median of
     several warm steps (the same batch every step):
-    * lensjax: ``jax.jit`` of ``jax.value_and_grad(policy_loss(...)[0])`` + ``optax.adamw`` with
-      ``SVFConfig(targets="mlp", kl_coef=0.0)``; the parameters and the decomposition are passed as
-      jit arguments (not closed over), as ``lensjax.svf.trainer`` does;
+    * lensjax: the trainer's own jitted update (``lensjax.svf.trainer._update_fn``: value_and_grad
+      of ``policy_loss`` + optax AdamW) with ``SVFConfig(targets="mlp", kl_coef=0.0,
+      schedule="constant", clip=1e30)``; the parameters and the decomposition are jit arguments;
     * PyTorch eager (faithful to the reference): U, S, Vh of every MLP Linear (from (a)) kept as
       buffers, a trainable float32 z per matrix; every step recomposes W′ = (U · (S ⊙ z)) @ Vh for
       all 36 matrices (the column-scaled form of U @ diag(S ⊙ z) @ Vh, which avoids the extra
@@ -71,6 +72,8 @@ CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hid
 MLP = ("gate_proj", "up_proj", "down_proj")
 B, T, T_TARGET = 8, 256, 128
 LR = 2e-3
+SMOKE_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
 def loadavg() -> float:
@@ -90,7 +93,7 @@ def make_model(root: Path) -> Path:
     import torch
     import transformers as tf
 
-    d = root / "llama-150M"
+    d = root / ("llama-150M" if CONFIG["hidden_size"] == 768 else f"llama-h{CONFIG['hidden_size']}-l{CONFIG['num_hidden_layers']}")
     if not (d / "model.safetensors").exists():
         torch.manual_seed(0)
         m = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**CONFIG))
@@ -177,23 +180,29 @@ def bench_svd(model, hf, args) -> tuple[dict, object, dict]:
         for i in range(s.shape[0]):
             ts = tdec[f"model.layers.{i}.mlp.{name}.weight"].S.numpy()
             max_rel = max(max_rel, float(np.max(np.abs(s[i] - ts)) / ts.max()))
-    # diagnostic: the batched SVD on the transposed wide leaves (in < out)
-    import jax.numpy as jnp
+    # diagnostic: the same leaves through the batched LAPACK gesdd (lensjax's path before the Gram route)
+    from lensjax.kernels import svd as svd_kernel
     from lensjax.models.tree import flatten
 
-    svd_t = jax.jit(lambda w: jnp.linalg.svd(jnp.swapaxes(w, -1, -2) if w.shape[-2] < w.shape[-1] else w,
-                                             full_matrices=False))
     leaves = [flatten(model.params)[p] for p in dec.paths]
-    for w in leaves:
-        jax.block_until_ready(svd_t(w))
+    jax.block_until_ready(svd_kernel.decompose(leaves[0], "gesdd"))
     t0 = time.perf_counter()
-    jax.block_until_ready([svd_t(w) for w in leaves])
-    lj_transposed = time.perf_counter() - t0
+    jax.block_until_ready([svd_kernel.decompose(w, "gesdd") for w in leaves])
+    lj_gesdd = time.perf_counter() - t0
+    # accuracy of lensjax's factors, in float64: reconstruction and orthogonality
+    rec, orth = 0.0, 0.0
+    for p, w in zip(dec.paths, leaves):
+        u, sv, vt = (np.asarray(x, np.float64) for x in (dec.u[p], dec.s[p], dec.vt[p]))
+        w64 = np.asarray(w, np.float64)
+        rec = max(rec, float(np.linalg.norm(np.einsum("lir,lr,lro->lio", u, sv, vt) - w64) / np.linalg.norm(w64)))
+        eye = np.eye(sv.shape[-1])
+        orth = max(orth, float(np.abs(np.einsum("lir,lis->lrs", u, u) - eye).max()),
+                   float(np.abs(np.einsum("lro,lso->lrs", vt, vt) - eye).max()))
     res = {
         "n_matrices": len(mats), "flops": flops,
         "lensjax_first_call_s": lj_first, "lensjax_warm_s": float(np.median(lj_warm)), "lensjax_warm_all_s": lj_warm,
         "torch_first_loop_s": pt_first, "torch_warm_s": float(np.median(pt_warm)), "torch_warm_all_s": pt_warm,
-        "diagnostic_jnp_svd_transposed_wide_leaves_s": lj_transposed,
+        "diagnostic_lensjax_gesdd_s": lj_gesdd, "lensjax_reconstruction_rel": rec, "lensjax_orthogonality": orth,
         "leaf_shapes_lensjax": {p: list(dec.u[p].shape[:2]) + [int(dec.vt[p].shape[-1])] for p in dec.paths},
         "max_rel_singular_value_diff": max_rel,
     }
@@ -216,20 +225,19 @@ def make_batch():
 def bench_train_lensjax(model, dec, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
 
     from lensjax.svf import core
-    from lensjax.svf.trainer import SVFConfig, policy_loss
+    from lensjax.svf.trainer import SVFConfig, _update_fn, make_optimizer
 
-    cfg = SVFConfig(targets="mlp", kl_coef=0.0, lr=LR)
-    opt = optax.adamw(LR, weight_decay=0.0)
-    mcfg = model.config
+    # lensjax's own jitted SVF update (lensjax.svf.trainer), with a constant learning rate and a
+    # clip so large it never acts, as on the torch side.
+    cfg = SVFConfig(targets="mlp", kl_coef=0.0, lr=LR, schedule="constant", clip=1e30, weight_decay=0.0)
+    opt = make_optimizer(cfg)
+    update = _update_fn(model.config, cfg)
 
-    @jax.jit
     def step(z, opt_state, params, dec, batch, adv):
-        loss, g = jax.value_and_grad(lambda zz: policy_loss(mcfg, cfg, zz, params, dec, batch, adv)[0])(z)
-        updates, opt_state = opt.update(g, opt_state, z)
-        return optax.apply_updates(z, updates), opt_state, loss
+        z, opt_state, info = update(z, opt_state, params, dec, batch, adv)
+        return z, opt_state, info["loss"]
 
     ids, attn, target = make_batch()
     batch = {"ids": jnp.asarray(ids), "attn": jnp.asarray(attn), "target": jnp.asarray(target)}
@@ -327,7 +335,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/bench_svf.json")
     ap.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "lensjax-bench-svf"))
     ap.add_argument("--quick", action="store_true", help="fewer repeats (same shapes)")
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer 64-wide model, batch 2 x 32, one repeat (tests)")
     args = ap.parse_args()
+    if args.smoke:
+        global CONFIG, B, T, T_TARGET
+        CONFIG, (B, T, T_TARGET), args.quick = SMOKE_CONFIG, (2, 32, 16), True
     args.svd_repeats = 1 if args.quick else 3
     args.steps = 2 if args.quick else 5
     args.mm_repeats = 2 if args.quick else 5
@@ -367,9 +379,9 @@ def main():
 
     goals = {"svd": 1.0, "train_step": 2.0}
     rows = [
-        ("(a) SVD 36 MLP mats (s)", svd["torch_warm_s"], svd["lensjax_warm_s"], svd["ratio"], goals["svd"],
+        (f"(a) SVD {svd['n_matrices']} MLP mats (s)", svd["torch_warm_s"], svd["lensjax_warm_s"], svd["ratio"], goals["svd"],
          svd["torch_gflops"], svd["lensjax_gflops"]),
-        ("(b) SVF step 8x256 (s)", pt["warm_s"], lj["warm_s"], train["ratio"], goals["train_step"],
+        (f"(b) SVF step {B}x{T} (s)", pt["warm_s"], lj["warm_s"], train["ratio"], goals["train_step"],
          train["torch_gflops"], train["lensjax_gflops"]),
     ]
     print(f"\n{'task':<26}{'PyTorch':>10}{'lensjax':>10}{'ratio':>8}{'goal':>7}{'met?':>6}{'GF/s pt':>10}{'GF/s lj':>10}")
@@ -383,7 +395,8 @@ def main():
           f"{fl['tokens']} + 3·{fl['recompose_fwd_flops'] / 1e9:.0f} G = {fl['flops'] / 1e9:.0f} G "
           f"(tight count {fl['flops_tight'] / 1e9:.0f} G: {train['torch_gflops_tight']:.1f} / "
           f"{train['lensjax_gflops_tight']:.1f} GF/s PyTorch / lensjax)")
-    print(f"diagnostic: jnp.linalg.svd on the wide leaves transposed: {svd['diagnostic_jnp_svd_transposed_wide_leaves_s']:.2f} s"
+    print(f"lensjax factors: reconstruction {svd['lensjax_reconstruction_rel']:.1e} (relative, float64), orthogonality "
+          f"{svd['lensjax_orthogonality']:.1e}; diagnostic: the batched gesdd path {svd['diagnostic_lensjax_gesdd_s']:.2f} s"
           f" (lensjax warm {svd['lensjax_warm_s']:.2f} s; warm calls lensjax {[round(x, 2) for x in svd['lensjax_warm_all_s']]},"
           f" torch {[round(x, 2) for x in svd['torch_warm_all_s']]})")
     print(f"max rel σ diff {svd['max_rel_singular_value_diff']:.1e}; losses lensjax {[round(x, 3) for x in lj['losses']]}"
@@ -391,8 +404,8 @@ def main():
     print(f"load average (1 min): start {load_start:.2f}, end {load_end:.2f}; total {time.time() - t_start:.0f} s")
 
     payload = {
-        "command": "python benchmarks/bench_svf.py" + (" --quick" if args.quick else ""),
-        "quick": args.quick, "model_config": CONFIG, "params": int(n_params), "batch": [B, T], "target_from": T_TARGET,
+        "command": "python benchmarks/bench_svf.py" + (" --smoke" if args.smoke else " --quick" if args.quick else ""),
+        "quick": args.quick, "smoke": args.smoke, "model_config": CONFIG, "params": int(n_params), "batch": [B, T], "target_from": T_TARGET,
         "lr": LR, "loadavg_1min_start": load_start, "loadavg_1min_end": load_end,
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": tf.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
