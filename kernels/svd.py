@@ -38,7 +38,7 @@ Array = jax.Array
 GRAM_MAX_CONDITION = 1e4
 """Largest σ_max/σ_min of a slice that the Gram route decomposes (above it: ``gesdd``)."""
 GRAM_WORKSET_BYTES = 1 << 30
-"""Float64 working set of one Gram-route program; a larger leaf is decomposed in slices (lax.map)."""
+"""Float64 working set of one Gram-route program; a larger leaf is decomposed in equal slices."""
 METHODS = ("auto", "gram", "gesdd")
 
 
@@ -76,8 +76,14 @@ def decompose(w_Lio: Array, method: str = "auto", max_condition: float = GRAM_MA
         L, m, n = w_Lio.shape
         per_slice = 8 * (m * n + 2 * min(m, n) ** 2 + m * n)  # A, G, V and U in float64
         batch = int(max(1, min(L, GRAM_WORKSET_BYTES // per_slice)))
+        # A leaf too large for one program goes in equal slices from the host: decomposing is a
+        # one-off (its result is cached), and on XLA CPU a lax.map over batches of this program
+        # deadlocked (eigh inside the loop, [24, 768, 3072] in batches of 22).
+        k = -(-L // batch)
+        size = -(-L // k)
         with jax.enable_x64(True):
-            u, s, vt, ratio = jax.block_until_ready(_gram(w_Lio, batch))
+            parts = [jax.block_until_ready(_gram(w_Lio[a:a + size])) for a in range(0, L, size)]
+        u, s, vt, ratio = parts[0] if k == 1 else [jnp.concatenate(x) for x in zip(*parts)]
         ratio = np.asarray(ratio)
         bad = np.flatnonzero(~(ratio >= 1.0 / float(max_condition) ** 2))  # NaN counts as bad
         if bad.size:
@@ -110,8 +116,8 @@ def _gesdd(w):
     return jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
 
 
-@functools.partial(xla.jit, static_argnums=1)
-def _gram(w, batch):
+@xla.jit
+def _gram(w):
     """The Gram route on every slice (float64 inside; float32 out) and λ_min/λ_max per slice."""
     wide = w.shape[-2] < w.shape[-1]
 
@@ -129,9 +135,7 @@ def _gram(w, batch):
         ratio = lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0)
         return u.astype(jnp.float32), sig.astype(jnp.float32), vt.astype(jnp.float32), ratio
 
-    if batch >= w.shape[0]:
-        return jax.vmap(one)(w)
-    return jax.lax.map(one, w, batch_size=batch)
+    return jax.vmap(one)(w)
 
 
 def delta_matrix(u: Array, s: Array, vt: Array, g: Array) -> Array:
