@@ -74,7 +74,9 @@ def test_logits_match_hf(tmp_path, family, kw):
         got = ours(model)
         assert got.shape == ref.shape
         err = np.abs(got - ref)[keep].max()
-        assert err <= 1e-4, (side, err)
+        # 1e-4 absolute, scaled up for logits above 10 in magnitude: T5 v1.1 / mT5's untied, unscaled
+        # head gives |logit| ~ 25 here, where float32 summation order alone reached 1.1e-4 on CI.
+        assert err <= 1e-4 * max(1.0, np.abs(ref[keep]).max() / 10), (side, err, np.abs(ref[keep]).max())
     # bfloat16 parameters vs the float32 reference: mean per-token KL(p_hf || p_ours), bounded by
     # 1e-2 or twice HF's own bfloat16 KL (T5 v1.1's unscaled head makes logits large, so bf16 costs
     # HF 0.02 there too).
