@@ -23,7 +23,6 @@ VJP is used.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -99,16 +98,11 @@ def _platform(x) -> str:
         return jax.default_backend()
 
 
-@contextlib.contextmanager
 def _one_blas_thread():
-    """One thread in the BLAS libraries LAPACK calls (restored afterwards), if threadpoolctl is there."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency; without it only speed changes
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+    """One thread in the BLAS libraries LAPACK calls, restored afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @jax.jit
