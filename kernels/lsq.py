@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -306,7 +307,7 @@ def fit(
         padded(extra, 0.0), padded(weight, 1.0), padded(prior_mean, 0.0), padded(prior_prec, 0.0),
         solver=solver, max_steps=max_steps, ftol=ftol, xtol=xtol, gtol=gtol, screen_steps=screen_steps,
     )
-    return jax.tree.map(lambda a: a[:n], out)
+    return jax.tree.map(lambda a: a[:n], _gathered(out))
 
 
 def _padder(mesh, axis, n, mask):
@@ -316,19 +317,29 @@ def _padder(mesh, axis, n, mask):
     """
     pad = (-n) % mesh.shape[axis]
 
-    def padded(a, fill):
+    def padded(a, fill, first_true=False):
         if a is None:
             return None
-        a = jnp.asarray(a)
+        a = np.asarray(a)  # host copy: the same on every process of a multi-process mesh
         if pad:
-            a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
+            a = np.concatenate([a, np.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
+            if first_true:
+                a[n:, 0] = True
         spec = jax.sharding.PartitionSpec(axis, *([None] * (a.ndim - 1)))
-        return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+        # each process supplies the rows of its own devices (one process: all of them)
+        return jax.make_array_from_callback(a.shape, jax.sharding.NamedSharding(mesh, spec), lambda idx: a[idx])
 
-    mask_p = padded(mask, False)
-    if pad:
-        mask_p = mask_p.at[n:, 0].set(True)
-    return padded, mask_p
+    return padded, padded(mask, False, first_true=True)
+
+
+def _gathered(tree):
+    """Results on a mesh that spans several processes, gathered onto every process (host arrays);
+    one process: unchanged."""
+    if all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(tree)):
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ------------------------------------------------------------------------- joint (empirical Bayes)
@@ -463,7 +474,8 @@ def fit_joint_sharded(model_fn, theta0, x, y, mask, extra, group, *, n_groups, t
     n = theta0.shape[0]
     padded, mask_p = _padder(mesh, axis, n, mask)
     out = fit_joint(model_fn, padded(theta0, 0.0), padded(x, 1.0), padded(y, 0.0), mask_p, padded(extra, 0.0),
-                    padded(jnp.asarray(group, jnp.int32), n_groups), n_groups=n_groups, tied=tied, **kw)
+                    padded(np.asarray(group, np.int32), n_groups), n_groups=n_groups, tied=tied, **kw)
+    out = _gathered(out)
     cut = lambda a: a[:n]  # noqa: E731
     return out._replace(params=cut(out.params), objective=cut(out.objective), converged=cut(out.converged),
                         steps=cut(out.steps), independent=jax.tree.map(cut, out.independent),

@@ -19,6 +19,7 @@ killed run resumes where it stopped and loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -39,6 +40,7 @@ from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
 from lensjax.selection.data import Tokenized, bucket, make_batch
 from lensjax.models.lm import mean_target_loss
+from lensjax.parallel import shard_batch, shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +140,10 @@ def _eval_sums(config):
     return sums
 
 
-def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32, pad_id: int = 0) -> float:
-    """Mean negative log-likelihood per target token over ``data`` (token-weighted)."""
+def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32, pad_id: int = 0,
+             mesh: jax.sharding.Mesh | None = None) -> float:
+    """Mean negative log-likelihood per target token over ``data`` (token-weighted). With
+    ``mesh``, each batch is split over its ``data`` axis (``params`` as placed by the caller)."""
     if len(data) == 0:
         raise ValueError("no held-out examples to evaluate on")
     fn = _eval_sums(config)
@@ -151,25 +155,43 @@ def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32,
         if len(idx) < batch_size:  # keep one batch shape per bucket: pad with empty rows
             extra = batch_size - len(idx)
             b = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-        l, c = fn(params, b)
+        if mesh is not None:
+            b = shard_batch(b, mesh)
+        with _mesh_context(mesh):
+            l, c = fn(params, b)
         tot += float(l)
         cnt += float(c)
     return tot / max(cnt, 1.0)
 
 
+def _mesh_context(mesh):
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
 def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d: int, ft: FinetuneConfig,
-             pad_id: int = 0, on_step=None, dev: Tokenized | None = None, history: list | None = None):
+             pad_id: int = 0, on_step=None, dev: Tokenized | None = None, history: list | None = None,
+             mesh: jax.sharding.Mesh | None = None):
     """Fine-tune a copy of ``params`` on examples ``order[:d]``; returns (params, steps).
 
     With ``ft.patience > 0`` and ``dev`` given, stops early on the development loss and returns
     the best weights and their step. ``history`` (a list) receives ``(step, dev loss)`` pairs.
+    With ``mesh``, the copy is placed by the logical-axis rules (parameters on ``fsdp`` /
+    ``model``; AdamW's moments follow them) and every batch is split over ``data``; the global
+    batch is the same as on one device, so are the numbers (to float32 summation order). In a
+    multi-process run every process calls this with the same arguments.
     """
     if d > len(order):
         raise ValueError(f"size {d} exceeds the {len(order)} training examples")
+    if mesh is not None and ft.batch_size % mesh.shape.get("data", 1):
+        raise ValueError(f"batch_size {ft.batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
     opt = scheduled_adamw(ft.weight_decay)
     step = _scheduled_step(config, opt)
-    p = jax.tree.map(jnp.copy, params)  # the pretrained weights stay untouched (donation)
-    state = opt.init(p)
+    if mesh is None:
+        p = jax.tree.map(jnp.copy, params)  # the pretrained weights stay untouched (donation)
+    else:
+        p = shard_params(params, config, mesh)  # fresh buffers: donation leaves ``params`` alone
+    with _mesh_context(mesh):
+        state = opt.init(p)
     t = ft.steps(d)
     early = ft.patience > 0 and dev is not None and len(dev) > 0
     every = ft.eval_every or max(1, t // 10)
@@ -190,12 +212,15 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
             pos += ft.batch_size
         if len(take) < ft.batch_size:  # d < batch size: repeat examples
             take = np.resize(take, ft.batch_size)
-        p, state, loss = step(p, state, make_batch(data, take, pad_id, length=max_len),
-                              jnp.asarray(ft.lr_at(i, t), jnp.float32))
+        b = make_batch(data, take, pad_id, length=max_len)
+        if mesh is not None:
+            b = shard_batch(b, mesh)
+        with _mesh_context(mesh):
+            p, state, loss = step(p, state, b, np.float32(ft.lr_at(i, t)))
         if on_step is not None:
             on_step(i, loss)
         if early and ((i + 1) % every == 0 or i + 1 == t):
-            dl = evaluate(config, p, dev, ft.eval_batch_size, pad_id)
+            dl = evaluate(config, p, dev, ft.eval_batch_size, pad_id, mesh=mesh)
             if history is not None:
                 history.append((i + 1, dl))
             if dl < best:
@@ -212,11 +237,31 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
 
 class CurvesStore:
     """Measured losses, written atomically as a curves CSV (the shipped format) plus a JSON
-    sidecar with the steps t and learning rate η of each measurement."""
+    sidecar with the steps t and learning rate η of each measurement.
+
+    Several processes may record into the same files (candidates run as concurrent jobs): each
+    :meth:`record` holds an exclusive ``flock`` on ``<csv>.lock``, re-reads what the others
+    wrote, adds its cell and rewrites both files, so no measurement is lost."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._read()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _read(self):
         self.loss: dict[str, dict[int, float]] = {}
         self.meta: dict[str, dict] = {}
         if self.path.exists():
@@ -233,16 +278,18 @@ class CurvesStore:
                family: str | None = None, tokens_per_sample: float | None = None, **extra):
         """One measurement; ``extra`` (steps planned, development evaluations, samples seen, the
         protocol) goes into the ``.meta.json`` cell as it is."""
-        self.loss.setdefault(model, {})[int(size)] = float(loss)
-        m = self.meta.setdefault(model, {"sizes": {}})
-        m["sizes"][str(int(size))] = {"steps": int(steps), "lr": float(lr)} | extra
-        if params is not None:
-            m["params"] = int(params)
-        if family is not None:
-            m["family"] = family
-        if tokens_per_sample is not None:
-            m["tokens_per_sample"] = float(tokens_per_sample)
-        self.write()
+        with self._locked():
+            self._read()  # what other processes recorded meanwhile
+            self.loss.setdefault(model, {})[int(size)] = float(loss)
+            m = self.meta.setdefault(model, {"sizes": {}})
+            m["sizes"][str(int(size))] = {"steps": int(steps), "lr": float(lr)} | extra
+            if params is not None:
+                m["params"] = int(params)
+            if family is not None:
+                m["family"] = family
+            if tokens_per_sample is not None:
+                m["tokens_per_sample"] = float(tokens_per_sample)
+            self.write()
 
     def write(self):
         sizes = sorted({s for v in self.loss.values() for s in v})

@@ -36,6 +36,7 @@ where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -52,6 +53,7 @@ from lensjax.io import atomic_write
 from lensjax.kernels import xla
 from lensjax.models.lm import logprobs_from_logits
 from lensjax.models.transformer import _forward
+from lensjax.parallel import place, shard_batch, shard_params
 from lensjax.svf import core
 from lensjax.svf.rollout import COMPLETION_BUCKET, PROMPT_BUCKET, Rollout, complete, evaluate
 from lensjax.svf.tasks import Task
@@ -226,12 +228,29 @@ def load_state(out: Path, z_template, opt_template):
 
 
 # ---------------------------------------------------------------------------------- train
-def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig, out: str | os.PathLike,
-          on_step: Callable | None = None) -> dict:
-    """Train an expert; resumes from ``out`` if it holds a state. Returns the summary dict, and
-    writes ``out/best.safetensors`` (the best z by validation accuracy)."""
-    from lensjax.svf.experts import save_expert
+def _on_mesh(mesh, model, dec, z, opt_state):
+    """Parameters by the logical-axis rules (left as they are when already on ``mesh``), the
+    decomposition, z and the optimiser state replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
+    devices = set(mesh.devices.flat)
+    leaves = jax.tree.leaves(model.params)
+    on = all(getattr(a, "sharding", None) is not None and a.sharding.device_set == devices for a in leaves)
+    params = model.params if on else shard_params(model.params, model.config, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    z, opt_state, dec = jax.tree.map(lambda a: place(a, rep), (z, opt_state, dec))
+    return params, dec, z, opt_state
+
+
+def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig, out: str | os.PathLike,
+          on_step: Callable | None = None, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Train an expert; resumes from ``out`` if it holds a state. Returns the summary dict, and
+    writes ``out/best.safetensors`` (the best z by validation accuracy).
+
+    With ``mesh``: the rollouts and the policy-gradient batch are split over its ``data`` axis
+    (``batch_prompts × samples_per_prompt`` must be divisible by it), the parameters follow the
+    logical-axis rules (load the model with the same mesh to avoid a copy), and z, its optimiser
+    state and the decomposition are replicated."""
     core.check_model(model.config)
     out = Path(out)
     z = core.init_z(dec, cfg.parameterisation, jax.random.key(cfg.seed))
@@ -242,8 +261,22 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
     if (out / "state.json").exists():
         z, opt_state, info = load_state(out, z, opt_state)
         start = info["step"]
-    update = _update_fn(model.config, cfg)
     params = model.params
+    n_roll = cfg.batch_prompts * cfg.samples_per_prompt
+    if mesh is not None:
+        if n_roll % mesh.shape.get("data", 1):
+            raise ValueError(f"batch_prompts × samples_per_prompt = {n_roll} rollouts per step is not divisible by "
+                             f"the mesh's data axis ({mesh.shape['data']})")
+        params, dec, z, opt_state = _on_mesh(mesh, model, dec, z, opt_state)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_state, info, start)
+
+
+def _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_state, info, start):
+    from lensjax.svf.experts import save_expert
+
+    update = _update_fn(model.config, cfg)
+    n_roll = cfg.batch_prompts * cfg.samples_per_prompt
 
     def validate(zz):
         return evaluate(model, policy_params(params, dec, zz, cfg, n_tokens=cfg.eval_batch), val,
@@ -255,7 +288,6 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
         info["best_step"] = 0
         save_expert(out / "best.safetensors", z, model, cfg, task.name, {"val_accuracy": info["best_acc"], "step": 0},
                     whash)
-    n_roll = cfg.batch_prompts * cfg.samples_per_prompt
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         pick = rng.choice(len(task), cfg.batch_prompts, replace=len(task) < cfg.batch_prompts)
@@ -266,7 +298,12 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
                         top_p=cfg.top_p, key=jax.random.fold_in(jax.random.key(cfg.seed), step),
                         prompt_bucket=cfg.prompt_bucket, completion_bucket=cfg.completion_bucket)
         r, adv = advantages(task.score_many(roll.texts, refs), cfg)
-        z, opt_state, stats = update(z, opt_state, params, dec, batch_of(roll), jnp.asarray(adv))
+        batch, adv = batch_of(roll), jnp.asarray(adv)
+        if mesh is not None:
+            sharded = shard_batch(dict(batch, adv=np.asarray(adv)), mesh)
+            adv = sharded.pop("adv")
+            batch = sharded
+        z, opt_state, stats = update(z, opt_state, params, dec, batch, adv)
         rec = {"step": step + 1, "reward": float(r.mean()), "shape": list(roll.ids.shape),
                **{k: float(v) for k, v in stats.items()}}
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
