@@ -173,6 +173,7 @@ def select_cmd(
     eval_every: int = typer.Option(0, help="Steps between development evaluations (0: t(D)/10)."),
     n_dev: int = typer.Option(200, help="Development examples for early stopping, held out of the training pool."),
     n_eval: Optional[int] = typer.Option(None, help="Held-out examples (default: the dataset's validation split capped at 1,000, else 10% up to 500), drawn with a fixed seed."),
+    shard: Optional[str] = typer.Option(None, help="i/n: measure only candidates i, i+n, ... of --models (one job of n; no ranking). Combine the parts with `lensjax merge`, then run select on the merged files."),
 ) -> None:
     """Rank candidate models by their predicted fine-tuning loss at the target size."""
     if models is not None:
@@ -186,7 +187,7 @@ def select_cmd(
             console.print(f"[bold red]error:[/bold red] {exc}")
             raise typer.Exit(2)
         _pipeline_cmd(models, dataset, budget, target_size, method or "lensllm", base, prompt_column, target_column,
-                      curves_out, ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out)
+                      curves_out, ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out, shard)
         return
     method = method or DEFAULT_METHOD
     try:
@@ -227,7 +228,7 @@ def select_cmd(
 
 
 def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_column, target_column, curves_out,
-                  ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out):
+                  ntk_out, ft, n_probe, ntk_mode, ntk_kernel, n_eval, json_out, shard=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lensjax.selection import pipeline
@@ -240,15 +241,23 @@ def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_col
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     try:
+        from lensjax.selection.jobs import parse_shard
+
         res = pipeline.run(names, dataset, budget=int(budget[0]), target_size=int(target_size), method=method,
                            base=int(base), ft=ft, ntk_cfg=ntk_cfg, prompt_column=prompt_column,
                            target_column=target_column, curves_out=curves_out, ntk_out=ntk_out, progress=progress,
-                           n_eval=n_eval)
+                           n_eval=n_eval, shard=None if shard is None else parse_shard(shard))
     except (DataError, selectors.SelectionError, CurvesError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         if Path(curves_out).exists():
             console.print(f"measurements made so far are in {curves_out}")
         raise typer.Exit(2)
+    if shard is not None:
+        console.print(f"shard {shard}: measured {', '.join(res['measured']) or 'nothing (no candidate in this shard)'}; "
+                      f"curves in {res['curves_csv']}" + (f", NTKs in {res['ntk_file']}" if res["ntk_file"] else ""))
+        if json_out is not None:
+            atomic_write_text(json_out, json.dumps(res, indent=2) + "\n")
+        return
     t = Table(title=f"{method} · budget {budget[0]:,.0f} · target {target_size:,.0f}")
     for col in ("rank", "model", "predicted loss", "fit"):
         t.add_column(col)
@@ -270,6 +279,25 @@ def _pipeline_cmd(models, dataset, budget, target_size, method, base, prompt_col
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(res, indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+@app.command("merge")
+def merge_cmd(
+    parts: List[Path] = typer.Argument(..., help="Curves CSVs written by `lensjax select --models ... --shard i/n`."),
+    curves_out: Path = typer.Option(..., help="The merged curves CSV (with its .meta.json)."),
+    ntk: Optional[List[Path]] = typer.Option(None, help="NTK files of the parts (repeatable)."),
+    ntk_out: Optional[Path] = typer.Option(None, help="The merged NTK file (.json or .safetensors)."),
+) -> None:
+    """Merge sharded measurements; a cell measured twice with different values is an error."""
+    from lensjax.selection.jobs import merge
+
+    try:
+        res = merge([str(p) for p in parts], curves_out, [str(p) for p in ntk or []], ntk_out)
+    except (selectors.SelectionError, CurvesError, ValueError) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2)
+    console.print(f"merged {len(parts)} part(s): {res['cells']} measurements of {len(res['models'])} model(s) into "
+                  f"{res['curves_csv']}" + (f"; {len(res['ntk_models'])} NTKs into {res['ntk_file']}" if res["ntk_file"] else ""))
 
 
 from lensjax.cli_svf import svf_app  # noqa: E402  (after `app`: the svf commands are a sub-app)

@@ -63,6 +63,7 @@ class CandidateNTK:
     stats: dict
     lr: float
     flops: float = 0.0
+    config: dict | None = None  # the NTKConfig fields and lr it was computed with
 
     def log_F(self, steps) -> np.ndarray:
         """log F(t) (float64, finite for any t)."""
@@ -152,9 +153,16 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
         base: int = 200, ft: FinetuneConfig = FinetuneConfig(), ntk_cfg: NTKConfig = NTKConfig(),
         prompt_column: str = "input", target_column: str = "target", curves_out: str | os.PathLike = "curves.csv",
         ntk_out: str | os.PathLike | None = None, progress=None, n_eval: int | None = None,
-        eval_split: str | None = None, log=None) -> dict:
+        eval_split: str | None = None, log=None, shard: tuple[int, int] | None = None) -> dict:
     """Fine-tune every candidate on the ladder, compute NTKs, fit and rank. Returns a result dict
-    (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made.
+    (also the ``--json`` payload). Partial measurements are in ``curves_out`` as they are made;
+    NTKs already in ``ntk_out`` (from an earlier or a sharded run, with the same NTK settings)
+    are reused.
+
+    ``shard=(i, n)`` (1 ≤ i ≤ n): measure only candidates ``models[i-1::n]`` (curves and NTKs)
+    and return ``{"measured": [...], ...}`` without ranking: one job of a scheduler array. Jobs
+    may share ``curves_out`` (the store locks it) or write their own files, which
+    :func:`lensjax.selection.jobs.merge` combines; a final run over all models then only ranks.
 
     With ``ft.patience > 0``, ``min(ft.n_dev, len(train) // 4)`` examples at the end of the fixed
     shuffled training order are the development split for early stopping (never trained on). ``log(msg)`` gets one line
@@ -168,6 +176,12 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
     sizes = ladder(budget, base)
     if len(set(models)) != len(models):
         raise SelectionError("duplicate model ids in --models")
+    ranking = models
+    if shard is not None:
+        i, n = shard
+        if not (isinstance(i, int) and isinstance(n, int) and 1 <= i <= n):
+            raise SelectionError(f"shard must be (i, n) with 1 <= i <= n; got {shard!r}")
+        models = models[i - 1::n]
     train, held = load_pairs(dataset, prompt_column=prompt_column, target_column=target_column, seed=ft.seed,
                              n_eval=n_eval, eval_split=eval_split)
     order = np.random.default_rng(ft.seed).permutation(len(train))  # one fixed order: nested subsets
@@ -180,9 +194,14 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
         raise DataError(f"the ladder needs {sizes[-1]} training examples; {dataset!r} has {len(order)}"
                         + (f" after the {len(dev_idx)} held out for early stopping" if len(dev_idx) else ""))
     store = CurvesStore(curves_out)
-    ntks: dict[str, CandidateNTK] = {}
-    params_count, tokens, eval_tokens = {}, {}, {}
     need_ntk = entry.f_term is not None or ntk_out is not None
+    known = read_ntk(ntk_out) if ntk_out is not None and Path(ntk_out).exists() else {}
+    for m, c in known.items():
+        if m in models and c.config is not None and c.config != dataclasses.asdict(ntk_cfg) | {"lr": ft.lr}:
+            raise SelectionError(f"{ntk_out}: the NTK of {m!r} was computed with {c.config}, this run asks for "
+                                 f"{dataclasses.asdict(ntk_cfg) | {'lr': ft.lr}}; use another --ntk-out or delete it")
+    ntks: dict[str, CandidateNTK] = {m: known[m] for m in models if m in known and need_ntk}
+    params_count, tokens, eval_tokens = {}, {}, {}
     prog = progress if progress is not None else contextlib.nullcontext()
     with prog as bar:
         for name in models:
@@ -214,12 +233,18 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                         log(f"{name} D={d}: loss {loss:.4f}, t={t} of {ft.steps(d)}")
                     del p
                 bar is not None and bar.advance(task)
-            if need_ntk:
+            if need_ntk and name not in ntks:
                 ntk_data = tokenize(tok, train.take(order[: ntk_cfg.n_probe]), ft.max_len, decoder_start=start)
                 c = compute_ntk(model.config, model.params, ntk_data, ntk_cfg, pad_id, ft.lr)
-                c.model = name
+                c.model, c.config = name, dataclasses.asdict(ntk_cfg) | {"lr": ft.lr}
                 ntks[name] = c
+                if ntk_out is not None:  # written as each is made, keeping what the file holds
+                    update_ntk(ntk_out, {name: c})
             bar is not None and bar.advance(task)
+    if shard is not None:
+        return {"measured": list(models), "shard": list(shard), "curves_csv": str(store.path),
+                "ntk_file": None if ntk_out is None else str(ntk_out)}
+    models = ranking
 
     measured = store.curves()
     missing = [m for m in models if m not in measured.models]
@@ -258,7 +283,7 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                                        "kernel": ntk_cfg.kernel}
                          for i, (m, c) in enumerate(ntks.items())}
     if ntk_out is not None and ntks:
-        write_ntk(ntk_out, ntks)
+        update_ntk(ntk_out, ntks)
         result["ntk_file"] = str(ntk_out)
     return result
 
@@ -288,20 +313,59 @@ def _cost(store, models, sizes, ft, target_size, params_count, tokens, eval_toke
 
 
 def write_ntk(path: str | os.PathLike, ntks: dict[str, CandidateNTK]) -> None:
-    """Eigenpairs and r₀ per candidate as safetensors (``.safetensors``) or JSON; written atomically."""
+    """Eigenpairs and r₀ per candidate (float64) with its stats, η, FLOPs and NTK settings, as
+    safetensors (``.safetensors``) or JSON; written atomically."""
     path = Path(path)
+    info = {m: {"stats": c.stats, "lr": c.lr, "flops": c.flops, "config": c.config} for m, c in ntks.items()}
     if path.suffix == ".safetensors":
         from safetensors.numpy import save
 
         tensors, names = {}, {}
         for i, (m, c) in enumerate(ntks.items()):
-            tensors[f"{i}.eigvals"] = np.ascontiguousarray(c.eigvals, np.float32)
-            tensors[f"{i}.eigvecs"] = np.ascontiguousarray(c.eigvecs, np.float32)
-            tensors[f"{i}.r0"] = np.ascontiguousarray(c.r0, np.float32)
+            tensors[f"{i}.eigvals"] = np.ascontiguousarray(c.eigvals, np.float64)
+            tensors[f"{i}.eigvecs"] = np.ascontiguousarray(c.eigvecs, np.float64)
+            tensors[f"{i}.r0"] = np.ascontiguousarray(c.r0, np.float64)
             names[str(i)] = m
-        atomic_write(path, save(tensors, metadata={"models": json.dumps(names),
+        atomic_write(path, save(tensors, metadata={"models": json.dumps(names), "info": json.dumps(info),
                                                    "stats": json.dumps({m: c.stats for m, c in ntks.items()})}))
     else:
         atomic_write(path, json.dumps({m: {"eigvals": c.eigvals.tolist(), "eigvecs": c.eigvecs.tolist(),
-                                           "r0": c.r0.tolist(), "stats": c.stats, "lr": c.lr}
-                                       for m, c in ntks.items()}))
+                                           "r0": c.r0.tolist()} | info[m] for m, c in ntks.items()}))
+
+
+def update_ntk(path: str | os.PathLike, new: dict[str, CandidateNTK]) -> None:
+    """Add ``new`` to the NTK file at ``path`` (created if absent) under an exclusive ``flock`` on
+    ``<path>.lock``, so concurrent jobs writing one file keep each other's candidates."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            old = read_ntk(path) if path.exists() else {}
+            write_ntk(path, old | new)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_ntk(path: str | os.PathLike) -> dict[str, CandidateNTK]:
+    """What :func:`write_ntk` wrote (either format)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "numpy") as f:
+                meta = f.metadata() or {}
+                names, info = json.loads(meta["models"]), json.loads(meta["info"])
+                return {m: CandidateNTK(m, f.get_tensor(f"{i}.eigvals"), f.get_tensor(f"{i}.eigvecs"),
+                                        f.get_tensor(f"{i}.r0"), info[m]["stats"], float(info[m]["lr"]),
+                                        float(info[m]["flops"]), info[m]["config"]) for i, m in names.items()}
+        raw = json.loads(path.read_text())
+        return {m: CandidateNTK(m, np.asarray(v["eigvals"], np.float64), np.asarray(v["eigvecs"], np.float64),
+                                np.asarray(v["r0"], np.float64), v["stats"], float(v["lr"]), float(v["flops"]),
+                                v["config"]) for m, v in raw.items()}
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise SelectionError(f"{path}: not an NTK file written by this version of lensjax ({exc!r}); "
+                             "delete it to recompute") from None
