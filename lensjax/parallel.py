@@ -109,6 +109,36 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return out
 
 
+def data_size(mesh: Mesh | None) -> int:
+    """The size of ``mesh``'s ``data`` axis (1 without a mesh or without that axis)."""
+    return 1 if mesh is None else int(mesh.shape.get("data", 1))
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf of ``tree`` as a fresh array replicated over ``mesh``."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda a: place(a, rep), tree)
+
+
+def params_on(params: dict, config, mesh: Mesh) -> dict:
+    """``params`` placed by the logical-axis rules, or left as they are when every leaf already
+    lives on ``mesh``'s devices (e.g. loaded with ``lensjax.load(..., mesh=mesh)``)."""
+    devices = set(mesh.devices.flat)
+    on = all(getattr(a, "sharding", None) is not None and a.sharding.device_set == devices
+             for a in jax.tree.leaves(params))
+    return params if on else shard_params(params, config, mesh)
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of ``x``; an array spread over several processes is gathered first (every
+    process gets the whole value)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental.multihost_utils import process_allgather
+
+        return np.asarray(process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def is_main() -> bool:
     """True on process 0 (the one that prints and writes files)."""
     return jax.process_index() == 0

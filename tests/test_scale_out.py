@@ -159,6 +159,13 @@ SVF_SCRIPT = textwrap.dedent(
         assert "not divisible" in str(e), e
     else:
         raise AssertionError("3 rollouts on a data axis of 4")
+    try:
+        trainer.train(model, dec, task, task, trainer.make_config("paper", steps=1, batch_prompts=4, samples_per_prompt=1,
+                                                                  eval_batch=6), out / "bad2", mesh=mesh)
+    except ValueError as e:
+        assert "eval_batch 6 is not divisible" in str(e), e
+    else:
+        raise AssertionError("validation batches of 6 on a data axis of 4")
     print("OK", err, moved)
     """
 )
@@ -170,6 +177,68 @@ def test_svf_steps_on_a_data_mesh_equal_one_device(tmp_path):
 
     make_with_tokenizer("llama", tmp_path / "m", max_pos=128)
     out = subprocess.run([sys.executable, "-c", SVF_SCRIPT, str(tmp_path / "m"), str(tmp_path / "runs")], env=_env(8),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.stdout.startswith("OK"), out.stdout
+
+
+CEM_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, jax, jax.numpy as jnp
+    import lensjax
+    import lensjax.svf.rollout as rollout
+    from lensjax.parallel import make_mesh
+    from lensjax.svf import core, fewshot, mixing, tasks
+    assert jax.device_count() == 8
+    path = sys.argv[1]
+    mesh = make_mesh(data=4, fsdp=2)
+    seen = []
+    _generate = rollout.generate
+    def spy(*a, **k):  # record how the sampler's outputs are laid out
+        out, logp = _generate(*a, **k)
+        seen.append((k.get("mesh") is not None, out.shape, out.sharding.spec if k.get("mesh") is not None else None))
+        return out, logp
+    rollout.generate = spy
+    task = tasks.Task("add", "arithmetic", tuple(f"{i}+{j}=" for i in range(6) for j in range(6)),
+                      tuple(str(i + j) for i in range(6) for j in range(6)))
+    shots, val = task.subset(range(4)), task.subset(range(10, 13))
+    res = []
+    for m in (None, mesh):
+        model = lensjax.load(path, mesh=m)
+        dec = core.decompose_params(model.params, "mlp")
+        rng = np.random.default_rng(0)
+        es = mixing.expert_set(dec, [(f"e{k}", {p: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
+                                               for p, s in dec.s.items()}, {}) for k in range(3)])
+        # 6 members x 4 shots = 24 rows in chunks of 6, padded to 8 on a data axis of 4
+        res.append(fewshot.search(model, dec, es, shots, val, pop_size=6, n_elites=2, generations=3, val_every=1,
+                                  max_new_tokens=4, max_rows=6, seed=0, mesh=m))
+    one, sh = res
+    on = [x for x in seen if x[0]]
+    assert on and all(spec[0] == "data" and shape[0] % 4 == 0 for _, shape, spec in on), on
+    assert all(shape[0] == 6 for m, shape, _ in seen if not m), seen
+    assert [h["population_mean_fitness"] for h in one["history"]] == [h["population_mean_fitness"] for h in sh["history"]]
+    err_tie = max(abs(a["best_tiebreak"] - b["best_tiebreak"]) for a, b in zip(one["history"], sh["history"]))
+    err_alpha = float(np.abs(np.asarray(one["alpha"]) - np.asarray(sh["alpha"])).max())
+    assert err_tie <= 1e-5 and err_alpha <= 1e-5, (err_tie, err_alpha)
+    assert [c["val_accuracy"] for c in one["candidates"]] == [c["val_accuracy"] for c in sh["candidates"]]
+    assert one["chosen_generation"] == sh["chosen_generation"] and one["tokens"] == sh["tokens"]
+    moved = float(np.abs(np.asarray(one["alpha"]) - 1 / 3).max())
+    assert moved > 1e-3, moved  # the search moved away from its initial mean
+    # row assignments follow the batch onto the data axis
+    p = mixing.row_params(model.params, dec, mixing.with_identity(es, dec), np.arange(8) % 4, mesh)
+    leaf = next(v for k, v in jax.tree_util.tree_leaves_with_path(p) if "svf_rows" in jax.tree_util.keystr(k))
+    assert tuple(leaf.sharding.spec) == (None, "data"), leaf.sharding
+    print("OK", err_tie, err_alpha, moved)
+    """
+)
+
+
+@pytest.mark.slow
+def test_cem_population_on_a_data_mesh_equals_one_device(tmp_path):
+    from tiny_hf import make_with_tokenizer
+
+    make_with_tokenizer("llama", tmp_path / "m", max_pos=128)
+    out = subprocess.run([sys.executable, "-c", CEM_SCRIPT, str(tmp_path / "m")], env=_env(8),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.startswith("OK"), out.stdout

@@ -18,6 +18,8 @@ tokens), as Hugging Face's ``generate`` returns for these models.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 
 import jax
@@ -113,7 +115,8 @@ def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p
 
 def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, key=None, eos_token_id=None, pad_token_id=None,
-             bucket: int = PROMPT_BUCKET, stop_sequences=None, return_logprobs: bool = False):
+             bucket: int = PROMPT_BUCKET, stop_sequences=None, return_logprobs: bool = False,
+             mesh: jax.sharding.Mesh | None = None):
     """Token ids [B, T + max_new_tokens]: the prompt followed by the generated tokens (for an
     encoder-decoder [B, 1 + max_new_tokens]: the decoder start token and the generated tokens; with
     ``return_logprobs``, also the generated tokens' log-probabilities [B, max_new_tokens], 0 after
@@ -126,6 +129,11 @@ def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, 
     row has finished. Prompts are left-padded with a mask, e.g. from a tokenizer with
     ``padding_side="left"``. ``stop_sequences``: token-id sequences that end a row like an EOS
     (the sequence itself is kept in the output).
+
+    ``mesh``: the prompt rows are split over its ``data`` axis (B must be divisible by it; every
+    process passes the same global prompts), so each device decodes its own rows; the parameters
+    are used as placed (e.g. ``lensjax.load(..., mesh=mesh)``). On several processes the outputs
+    are global arrays: read them with :func:`lensjax.parallel.to_host`.
     """
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2:
@@ -157,15 +165,30 @@ def generate(config: ModelConfig, params: dict, input_ids, attention_mask=None, 
             mask = np.concatenate([mask, off] if enc else [off, mask], axis=1)
     dtype = params["embed"]["tokens"].dtype
     stop, stop_valid = stop_array(stop_sequences)
-    new, logp = _generate(config, params, jnp.asarray(ids), jnp.asarray(mask),
-                          key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
-                          jnp.float32(top_p), jnp.int32(pad_token_id), jnp.asarray(stop), jnp.asarray(stop_valid),
-                          max_new_tokens=int(max_new_tokens), greedy=temperature == 0, eos_ids=eos_ids,
-                          cache_dtype=dtype, start_id=int(_start_id(config)))
-    first = (jnp.full((B, 1), _start_id(config), jnp.int32) if config.is_encoder_decoder
-             else jnp.asarray(input_ids, jnp.int32))
-    out = jnp.concatenate([first, new], axis=1)
+    first = (np.full((B, 1), _start_id(config), np.int32) if config.is_encoder_decoder
+             else np.asarray(input_ids, np.int32))
+    if mesh is None:
+        ids_j, mask_j, first_j = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(first)
+        ctx = contextlib.nullcontext()
+    else:
+        from lensjax.parallel import shard_batch
+
+        b = shard_batch({"ids": ids, "mask": mask, "first": first}, mesh)  # refuses a B that data does not divide
+        ids_j, mask_j, first_j = b["ids"], b["mask"], b["first"]
+        ctx = jax.set_mesh(mesh)
+    with ctx:
+        new, logp = _generate(config, params, ids_j, mask_j,
+                              key if key is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+                              jnp.float32(top_p), jnp.int32(pad_token_id), jnp.asarray(stop), jnp.asarray(stop_valid),
+                              max_new_tokens=int(max_new_tokens), greedy=temperature == 0, eos_ids=eos_ids,
+                              cache_dtype=dtype, start_id=int(_start_id(config)))
+        out = _join(first_j, new)
     return (out, logp) if return_logprobs else out
+
+
+@jax.jit
+def _join(first, new):
+    return jnp.concatenate([first, new], axis=1)
 
 
 def _start_id(config: ModelConfig) -> int:

@@ -20,6 +20,8 @@ test).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from typing import Callable
 
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.kernels import cem
+from lensjax.parallel import params_on, replicate
 from lensjax.svf import core, mixing
 from lensjax.svf.tasks import Task, encode_prompts, train_val
 
@@ -94,15 +97,32 @@ def search(model, dec: core.Decomposition, experts: mixing.ExpertSet, shots: Tas
            lo: float = 0.0, hi: float = 1.0, bounds: str = "clamp", per_matrix: bool = False,
            space: str = "multipliers", normalise: bool = True, std_floor: float = 0.0, smoothing: float = 0.0,
            keep_best: bool = True, val_every: int = 10, max_new_tokens: int = 256, max_rows: int | None = None,
-           seed: int = 0, on_generation: Callable | None = None) -> dict:
+           seed: int = 0, on_generation: Callable | None = None, mesh: jax.sharding.Mesh | None = None) -> dict:
     """Run the search; returns the chosen ``alpha`` (list, [K] or [K, M]) with its validation and
-    shot accuracy, the per-generation history, the validated candidates and the token count."""
+    shot accuracy, the per-generation history, the validated candidates and the token count.
+
+    With ``mesh``: the population's rows (every member × every shot, and the validated candidates
+    × the validation set) are split over its ``data`` axis, chunks padded to a multiple of it; the
+    parameters follow the logical-axis rules (left as they are when loaded on ``mesh``), and the
+    decomposition, the experts and the CEM state are replicated."""
     if len(shots) == 0:
         raise core.SVFError("the shot set is empty")
     if len(val) == 0:
         raise core.SVFError("the validation set is empty")
     if generations < 1 or pop_size < 2:
         raise core.SVFError("CEM needs generations >= 1 and a population of at least 2")
+    if mesh is not None:
+        model = dataclasses.replace(model, params=params_on(model.params, model.config, mesh))
+        dec, experts = replicate(dec, mesh), mixing.expert_set_on(experts, mesh)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return _search(model, dec, experts, shots, val, pop_size, n_elites, generations, init_mean, init_std, lo, hi,
+                       bounds, per_matrix, space, normalise, std_floor, smoothing, keep_best, val_every,
+                       max_new_tokens, max_rows, seed, on_generation, mesh)
+
+
+def _search(model, dec, experts, shots, val, pop_size, n_elites, generations, init_mean, init_std, lo, hi, bounds,
+            per_matrix, space, normalise, std_floor, smoothing, keep_best, val_every, max_new_tokens, max_rows, seed,
+            on_generation, mesh):
     K, M = len(experts), len(experts.paths)
     D = K * M if per_matrix else K
     mean0 = jnp.full((D,), 1.0 / K if init_mean is None else init_mean, jnp.float32)
@@ -120,12 +140,12 @@ def search(model, dec: core.Decomposition, experts: mixing.ExpertSet, shots: Tas
         alphas = _shape(cem.decode(pop, lo=lo, hi=hi, bounds=bounds), K, M, per_matrix)
         sets = mixing.mix_many(experts, dec, alphas, space=space, normalise=normalise)
         rolls = mixing.generate_rows(model, dec, sets, rows, shots, prompts, max_new_tokens=max_new_tokens,
-                                     max_rows=max_rows)
+                                     max_rows=max_rows, mesh=mesh)
         texts = [t for r in rolls for t in r.texts]
         correct = np.asarray(shots.score_many(texts, refs), np.float32).reshape(pop_size, n)
         tokens += sum(int(r.attn.sum()) for r in rolls)
         if lb_pop is not None:
-            ll = mixing.loglik_rows(model, dec, sets, rows, lb_pop, max_rows=max_rows).reshape(pop_size, n)
+            ll = mixing.loglik_rows(model, dec, sets, rows, lb_pop, max_rows=max_rows, mesh=mesh).reshape(pop_size, n)
             tie = ll.mean(1)
             tokens += int(lb_pop["attn"].sum())
         else:  # code: mean log-prob of the member's own correct completions (0 when none is correct)
@@ -149,7 +169,7 @@ def search(model, dec: core.Decomposition, experts: mixing.ExpertSet, shots: Tas
     sets = mixing.mix_many(experts, dec, cand, space=space, normalise=normalise)
     vrows = np.repeat(np.arange(C), len(val))
     rolls = mixing.generate_rows(model, dec, sets, vrows, val, list(val.prompts) * C, max_new_tokens=max_new_tokens,
-                                 max_rows=max_rows)
+                                 max_rows=max_rows, mesh=mesh)
     tokens += sum(int(r.attn.sum()) for r in rolls)
     vcorrect = np.asarray(val.score_many([t for r in rolls for t in r.texts], list(val.references) * C)).reshape(C, len(val))
     vacc = vcorrect.mean(1)

@@ -27,6 +27,7 @@ activations of the rows; :func:`generate_rows` and :func:`loglik_rows` cut the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Mapping, Sequence
@@ -35,8 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from lensjax.models.lm import sample_loglik
 from lensjax.models.tree import flatten, nest
+from lensjax.parallel import data_size, place, replicate, shard_batch, to_host
 from lensjax.svf import core
 from lensjax.svf.experts import check_expert, load_expert
 
@@ -89,6 +93,11 @@ def expert_set(dec: core.Decomposition, experts: Sequence[tuple[str, dict, dict]
         mults.append(mm)
     return ExpertSet(tuple(names), {p: jnp.stack(v) for p, v in zs.items()}, {p: jnp.stack(v) for p, v in gs.items()},
                      tuple(params), tuple(mults), tuple(str(f) for f in files))
+
+
+def expert_set_on(es: ExpertSet, mesh) -> ExpertSet:
+    """``es`` with its z and multipliers replicated over ``mesh`` (every row may pick any set)."""
+    return dataclasses.replace(es, z=replicate(es.z, mesh), g=replicate(es.g, mesh))
 
 
 def load_experts(files: Mapping[str, str | os.PathLike], dec: core.Decomposition, params: dict) -> ExpertSet:
@@ -153,10 +162,11 @@ def with_identity(es: ExpertSet, dec: core.Decomposition) -> dict:
     return {p: jnp.concatenate([es.g[p], jnp.ones_like(dec.s[p])[None]], 0) for p in es.paths}
 
 
-def row_params(params: dict, dec: core.Decomposition, sets: Mapping[str, jax.Array], rows) -> dict:
+def row_params(params: dict, dec: core.Decomposition, sets: Mapping[str, jax.Array], rows, mesh=None) -> dict:
     """The tree in which batch row b runs multiplier set ``rows[b]`` of ``sets`` ({path: [E, L, r]})
-    through the factored apply."""
-    rows = jnp.asarray(rows, jnp.int32)
+    through the factored apply. With ``mesh``, the row assignments are split over its ``data``
+    axis like the batch they index (the sets, U and Vᵀ stay as placed)."""
+    rows = np.asarray(rows, np.int32)
     flat = dict(flatten(params))
     E = None
     missing = [p for p in dec.paths if p not in sets]
@@ -173,28 +183,38 @@ def row_params(params: dict, dec: core.Decomposition, sets: Mapping[str, jax.Arr
         flat[base + "/svf_u"] = dec.u[p]
         flat[base + "/svf_vt"] = dec.vt[p]
         flat[base + "/svf_d"] = jnp.swapaxes(dec.s[p][None] * (g - 1.0), 0, 1)  # [L, E, r]
-        flat[base + "/svf_rows"] = jnp.broadcast_to(rows[None], (L, rows.shape[0]))
+        lr = np.broadcast_to(rows[None], (L, rows.shape[0]))
+        flat[base + "/svf_rows"] = jnp.asarray(lr) if mesh is None else place(lr, _row_sharding(mesh))
     return nest(flat)
 
 
-def _chunks(n: int, max_rows: int | None):
+def _row_sharding(mesh):
+    return NamedSharding(mesh, PartitionSpec(None, "data" if data_size(mesh) > 1 else None))
+
+
+def _chunks(n: int, max_rows: int | None, multiple: int = 1):
+    """(start, end, padded size) of each chunk; the size is rounded up to ``multiple`` (the data axis)."""
     size = n if not max_rows or max_rows >= n else int(max_rows)
+    size = -(-size // multiple) * multiple
     for s in range(0, n, size):
         yield s, min(s + size, n), size
 
 
 def loglik_rows(model, dec: core.Decomposition, sets, rows, batch: Mapping[str, np.ndarray], *,
-                max_rows: int | None = None, reduce: str = "mean") -> np.ndarray:
+                max_rows: int | None = None, reduce: str = "mean", mesh=None) -> np.ndarray:
     """Per-row mean (or sum) log-likelihood of the batch's target tokens, row b under set rows[b]
-    (``batch``: ids / attn / target [B, T], as :mod:`lensjax.models.lm`)."""
+    (``batch``: ids / attn / target [B, T], as :mod:`lensjax.models.lm`). With ``mesh``, each
+    chunk's rows are split over its ``data`` axis (chunks padded to a multiple of it)."""
     rows = np.asarray(rows, np.int32)
     out = []
-    for s, e, size in _chunks(len(rows), max_rows):
+    for s, e, size in _chunks(len(rows), max_rows, data_size(mesh)):
         pad = size - (e - s)
         take = lambda a: np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, 0)], 0)  # noqa: E731
-        b = {k: jnp.asarray(take(np.asarray(v))) for k, v in batch.items()}
-        p = row_params(model.params, dec, sets, take(rows))
-        out.append(np.asarray(_loglik(model.config, p, b, reduce))[: e - s])
+        host = {k: take(np.asarray(v)) for k, v in batch.items()}
+        b = {k: jnp.asarray(v) for k, v in host.items()} if mesh is None else shard_batch(host, mesh)
+        p = row_params(model.params, dec, sets, take(rows), mesh)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            out.append(to_host(_loglik(model.config, p, b, reduce))[: e - s])
     return np.concatenate(out)
 
 
@@ -202,10 +222,11 @@ _loglik = jax.jit(sample_loglik, static_argnums=(0, 3))
 
 
 def generate_rows(model, dec: core.Decomposition, sets, rows, task, prompts: Sequence[str], *,
-                  max_new_tokens: int, max_rows: int | None = None, on_chunk=None, **kw):
+                  max_new_tokens: int, max_rows: int | None = None, on_chunk=None, mesh=None, **kw):
     """Greedy (or sampled, ``kw``) completions of ``prompts`` (user turns of ``task``), prompt b
     answered by multiplier set ``rows[b]``; a list of :class:`~lensjax.svf.rollout.Rollout`, one per
-    chunk of ``max_rows`` rows (each trimmed to the real rows)."""
+    chunk of ``max_rows`` rows (each trimmed to the real rows). With ``mesh``, each chunk's rows
+    are split over its ``data`` axis (chunks padded to a multiple of it)."""
     from lensjax.svf.rollout import complete
 
     rows = np.asarray(rows, np.int32)
@@ -213,11 +234,12 @@ def generate_rows(model, dec: core.Decomposition, sets, rows, task, prompts: Seq
     if len(rows) != len(prompts):
         raise core.SVFError(f"{len(rows)} row assignments for {len(prompts)} prompts")
     outs = []
-    for s, e, size in _chunks(len(rows), max_rows):
+    for s, e, size in _chunks(len(rows), max_rows, data_size(mesh)):
         pad = size - (e - s)
         r = np.concatenate([rows[s:e], np.repeat(rows[e - 1:e], pad)])
-        p = row_params(model.params, dec, sets, r)
-        roll = complete(model, p, task, prompts[s:e] + [prompts[e - 1]] * pad, max_new_tokens=max_new_tokens, **kw)
+        p = row_params(model.params, dec, sets, r, mesh)
+        roll = complete(model, p, task, prompts[s:e] + [prompts[e - 1]] * pad, max_new_tokens=max_new_tokens,
+                        mesh=mesh, **kw)
         outs.append(_trim(roll, e - s))
         if on_chunk is not None:
             on_chunk(e - s)

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from lensjax.models.sampler import bucket_length, generate
+from lensjax.parallel import to_host
 from lensjax.svf.tasks import Task, encode_prompts, is_templated
 
 PROMPT_BUCKET = 16
@@ -68,9 +69,10 @@ def _cut_at_stop(tokenizer, row: np.ndarray, n: int, text: str, stops: Sequence[
 
 def complete(model, params, task: Task, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, key=None, stop: Sequence[str] | None = None, prompt_bucket: int = PROMPT_BUCKET,
-             completion_bucket: int = COMPLETION_BUCKET) -> Rollout:
+             completion_bucket: int = COMPLETION_BUCKET, mesh=None) -> Rollout:
     """Completions of ``prompts`` (the user turns of ``task``) from ``params``; greedy at
-    temperature 0. ``stop`` defaults to the task kind's stop strings."""
+    temperature 0. ``stop`` defaults to the task kind's stop strings. ``mesh``: the prompts are
+    split over its ``data`` axis (see :func:`lensjax.models.sampler.generate`)."""
     tok = model.tokenizer
     stops = task.stop_strings(is_templated(tok)) if stop is None else tuple(stop)
     eos = tok.eos_token_id
@@ -78,8 +80,9 @@ def complete(model, params, task: Task, prompts: Sequence[str], *, max_new_token
     ids, mask = left_pad(encode_prompts(tok, task, prompts), pad, prompt_bucket)
     out, logp = generate(model.config, params, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, key=key, eos_token_id=[eos] if eos is not None else [], pad_token_id=pad,
-                         bucket=max(prompt_bucket, PROMPT_BUCKET), stop_sequences=stop_token_sequences(tok, stops), return_logprobs=True)
-    new, logp = np.asarray(out)[:, ids.shape[1]:], np.asarray(logp)
+                         bucket=max(prompt_bucket, PROMPT_BUCKET), stop_sequences=stop_token_sequences(tok, stops), return_logprobs=True,
+                         mesh=mesh)
+    new, logp = to_host(out)[:, ids.shape[1]:], to_host(logp)
     B, N = new.shape
     lengths = np.full(B, N)
     if eos is not None:  # the first EOS ends a row (and counts as its last token)
@@ -98,15 +101,15 @@ def complete(model, params, task: Task, prompts: Sequence[str], *, max_new_token
 
 
 def evaluate(model, params, task: Task, *, max_new_tokens: int = 256, batch: int = 64,
-             stop: Sequence[str] | None = None) -> dict:
+             stop: Sequence[str] | None = None, mesh=None) -> dict:
     """Greedy accuracy on ``task`` and the completions, batch by batch (the last batch padded with
-    copies so every batch has one shape)."""
+    copies so every batch has one shape; with ``mesh``, each batch split over its ``data`` axis)."""
     hits, texts = [], []
     for s in range(0, len(task), batch):
         prompts = list(task.prompts[s: s + batch])
         n = len(prompts)
         prompts += [prompts[-1]] * (batch - n)
-        r = complete(model, params, task, prompts, max_new_tokens=max_new_tokens, stop=stop)
+        r = complete(model, params, task, prompts, max_new_tokens=max_new_tokens, stop=stop, mesh=mesh)
         texts += r.texts[:n]
         hits += list(task.score_many(r.texts[:n], task.references[s: s + n]))
     return {"accuracy": float(np.mean(hits)) if hits else 0.0, "completions": texts, "correct": hits}

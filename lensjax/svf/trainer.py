@@ -53,7 +53,7 @@ from lensjax.io import atomic_write
 from lensjax.kernels import xla
 from lensjax.models.lm import logprobs_from_logits
 from lensjax.models.transformer import _forward
-from lensjax.parallel import place, shard_batch, shard_params
+from lensjax.parallel import data_size, params_on, replicate, shard_batch
 from lensjax.svf import core
 from lensjax.svf.rollout import COMPLETION_BUCKET, PROMPT_BUCKET, Rollout, complete, evaluate
 from lensjax.svf.tasks import Task
@@ -231,14 +231,8 @@ def load_state(out: Path, z_template, opt_template):
 def _on_mesh(mesh, model, dec, z, opt_state):
     """Parameters by the logical-axis rules (left as they are when already on ``mesh``), the
     decomposition, z and the optimiser state replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    devices = set(mesh.devices.flat)
-    leaves = jax.tree.leaves(model.params)
-    on = all(getattr(a, "sharding", None) is not None and a.sharding.device_set == devices for a in leaves)
-    params = model.params if on else shard_params(model.params, model.config, mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    z, opt_state, dec = jax.tree.map(lambda a: place(a, rep), (z, opt_state, dec))
+    params = params_on(model.params, model.config, mesh)
+    z, opt_state, dec = replicate((z, opt_state, dec), mesh)
     return params, dec, z, opt_state
 
 
@@ -247,8 +241,9 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
     """Train an expert; resumes from ``out`` if it holds a state. Returns the summary dict, and
     writes ``out/best.safetensors`` (the best z by validation accuracy).
 
-    With ``mesh``: the rollouts and the policy-gradient batch are split over its ``data`` axis
-    (``batch_prompts × samples_per_prompt`` must be divisible by it), the parameters follow the
+    With ``mesh``: the rollouts, the validation batches and the policy-gradient batch are split
+    over its ``data`` axis (``batch_prompts × samples_per_prompt`` and ``eval_batch`` must be
+    divisible by it), the parameters follow the
     logical-axis rules (load the model with the same mesh to avoid a copy), and z, its optimiser
     state and the decomposition are replicated."""
     core.check_model(model.config)
@@ -264,9 +259,11 @@ def train(model, dec: core.Decomposition, task: Task, val: Task, cfg: SVFConfig,
     params = model.params
     n_roll = cfg.batch_prompts * cfg.samples_per_prompt
     if mesh is not None:
-        if n_roll % mesh.shape.get("data", 1):
+        if n_roll % data_size(mesh):
             raise ValueError(f"batch_prompts × samples_per_prompt = {n_roll} rollouts per step is not divisible by "
-                             f"the mesh's data axis ({mesh.shape['data']})")
+                             f"the mesh's data axis ({data_size(mesh)})")
+        if cfg.eval_batch % data_size(mesh):
+            raise ValueError(f"eval_batch {cfg.eval_batch} is not divisible by the mesh's data axis ({data_size(mesh)})")
         params, dec, z, opt_state = _on_mesh(mesh, model, dec, z, opt_state)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         return _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_state, info, start)
@@ -280,7 +277,7 @@ def _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_s
 
     def validate(zz):
         return evaluate(model, policy_params(params, dec, zz, cfg, n_tokens=cfg.eval_batch), val,
-                        max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch)["accuracy"]
+                        max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch, mesh=mesh)["accuracy"]
 
     whash = core.content_hash(params, dec.paths)
     if info["best_acc"] is None:
@@ -296,7 +293,7 @@ def _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_s
         roll = complete(model, policy_params(params, dec, z, cfg, n_tokens=n_roll), task, prompts,
                         max_new_tokens=cfg.max_new_tokens, temperature=0.0 if cfg.greedy_rollouts else cfg.temperature,
                         top_p=cfg.top_p, key=jax.random.fold_in(jax.random.key(cfg.seed), step),
-                        prompt_bucket=cfg.prompt_bucket, completion_bucket=cfg.completion_bucket)
+                        prompt_bucket=cfg.prompt_bucket, completion_bucket=cfg.completion_bucket, mesh=mesh)
         r, adv = advantages(task.score_many(roll.texts, refs), cfg)
         batch, adv = batch_of(roll), jnp.asarray(adv)
         if mesh is not None:
