@@ -1,6 +1,6 @@
 """Benchmark: every (model, ratio, set) rectified-law fit of the shipped curves, lensjax vs SciPy.
 
-    python benchmarks/bench_fit.py [--out benchmarks/results/bench_fit.json] [--scipy-fits N]
+    python benchmarks/bench_fit.py [--out benchmarks/results/bench_fit.json] [--scipy-fits N] [--quick | --smoke]
 
 * lensjax: all 420 fits (30 models × 7 ratios × 2 sets) in one jitted, vmapped call; compile time
   (first call) reported apart from the warm time (median of repeats).
@@ -103,9 +103,14 @@ def main():
     ap.add_argument("--joint-only", action="store_true", help="only the joint-fit and bootstrap section")
     ap.add_argument("--quick", action="store_true",
                     help="40 SciPy fits, 2 repeats, the default LM and one L-BFGS configuration, no joint section")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the test suite's setting: as --quick with 3 SciPy fits, 1 repeat, no solver comparison and a "
+                         "16-start (not 64) best-known optimum")
     args = ap.parse_args()
+    if args.smoke:
+        args.quick, args.scipy_fits, args.repeats = True, args.scipy_fits or 3, 1
     if args.quick:
-        args.scipy_fits, args.repeats = args.scipy_fits or 40, 2
+        args.scipy_fits, args.repeats = args.scipy_fits or 40, args.repeats if args.smoke else 2
 
     d, y, mask, raw = problems()
     n = d.shape[0]
@@ -137,8 +142,8 @@ def main():
                # L-BFGS with its step budget cut to about the LM default's wall time
                + [("lbfgs", 8, 40, 10), ("lbfgs", 1, 60, 0)])
     if args.quick:
-        configs = [("lm", 8, 400, 30), ("lbfgs", 8, 40, 10)]
-    best = fit_curves("rectified", d, y, mask, n_starts=64, seed=1, screen_steps=0).objective
+        configs = [] if args.smoke else [("lm", 8, 400, 30), ("lbfgs", 8, 40, 10)]
+    best = np.array(fit_curves("rectified", d, y, mask, n_starts=16 if args.smoke else 64, seed=1, screen_steps=0).objective)
     results = {}
     for solver, s, steps, screen in configs:
         f, c_first, c_warm = timed(lambda: fit_curves(

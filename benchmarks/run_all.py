@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 # name -> (script, {mode: extra arguments})
 BENCHES = {
-    "fit": ("bench_fit.py", {"full": [], "quick": ["--quick"], "smoke": ["--quick", "--scipy-fits", "3", "--repeats", "1"]}),
+    "fit": ("bench_fit.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "forward": ("bench_forward.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "ntk": ("bench_ntk.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "svf": ("bench_svf.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
