@@ -107,10 +107,10 @@ def main():
                     help="the test suite's setting: as --quick with 3 SciPy fits, 1 repeat, no solver comparison and a "
                          "16-start (not 64) best-known optimum")
     args = ap.parse_args()
-    if args.smoke:
-        args.quick, args.scipy_fits, args.repeats = True, args.scipy_fits or 3, 1
+    args.quick = args.quick or args.smoke
     if args.quick:
-        args.scipy_fits, args.repeats = args.scipy_fits or 40, args.repeats if args.smoke else 2
+        args.scipy_fits = args.scipy_fits or (3 if args.smoke else 40)
+        args.repeats = 1 if args.smoke else 2
 
     d, y, mask, raw = problems()
     n = d.shape[0]
