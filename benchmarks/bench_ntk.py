@@ -11,9 +11,13 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    ``J[i] = ∂f(θ, x_i)/∂θ`` over all P parameters and ``f`` is the mean log-likelihood of sample
    i's target tokens (the last half of the sequence; token t scored by the logits at t − 1).
 
-   * lensjax: ``ntk.ntk_exact(scalar_fn(cfg), params, batch, chunk_size=8)`` (jitted; compile
-     time = first call minus a warm call, reported separately; timed warm with
-     ``block_until_ready``);
+   * lensjax: ``lensjax.models.lm_ntk.ntk_exact(cfg, params, batch)``, the library's path for
+     language models (one batched forward/backward whose Gram taps give every parameter's block
+     of K; no [n, P] Jacobian; jitted; compile time = first call minus a warm call, reported
+     separately; timed warm with ``block_until_ready``);
+   * lensjax rows route (``lensjax_rows``): the generic ``lensjax.kernels.ntk.ntk_exact(
+     scalar_fn(cfg), params, batch, chunk_size=8)`` for any scalar function (J by ``vmap(grad)``
+     in chunks, then J Jᵀ), with its per-sample-gradient stage timed alone;
    * PyTorch loop: for each sample, forward the HF model on that one sequence,
      ``torch.autograd.grad`` of f w.r.t. all parameters, flatten into row i of J; then J @ J.T
      (SDPA attention, the HF default);
@@ -162,16 +166,22 @@ def torch_mean_nll(logits, ids, target):
 
 
 # -------------------------------------------------------------------------------------- NTK
-def ntk_lensjax(model, batch_np, args) -> dict:
-    import jax
+def ntk_lensjax(model, batch_np, args, route: str = "taps") -> dict:
+    """``route="taps"``: ``lensjax.models.lm_ntk.ntk_exact`` (one batched backward, per-parameter
+    Grams; the library's path for language models); ``"rows"``: the generic
+    ``lensjax.kernels.ntk.ntk_exact`` (J [n, P] by ``vmap(grad)`` in chunks, then J Jᵀ)."""
     import jax.numpy as jnp
 
     from lensjax.kernels import ntk
+    from lensjax.models import lm_ntk
     from lensjax.models.lm import scalar_fn
 
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     f = scalar_fn(model.config)
-    run = lambda: ntk.ntk_exact(f, model.params, batch, chunk_size=args.chunk)  # noqa: E731
+    if route == "taps":
+        run = lambda: lm_ntk.ntk_exact(model.config, model.params, batch, chunk_size=args.chunk)  # noqa: E731
+    else:
+        run = lambda: ntk.ntk_exact(f, model.params, batch, chunk_size=args.chunk)  # noqa: E731
     t0 = time.perf_counter()
     K = run().block_until_ready()
     first = time.perf_counter() - t0
@@ -179,7 +189,7 @@ def ntk_lensjax(model, batch_np, args) -> dict:
     out = {"K": np.asarray(K, np.float64), "time_s": med, "times_s": ts, "first_call_s": first,
            "compile_s": max(first - med, 0.0)}
     del K
-    if args.breakdown:  # the per-sample-gradient stage alone (J [n, P]), a separate jitted program
+    if route == "rows" and args.breakdown:  # the per-sample-gradient stage alone (J [n, P]), a separate program
         rows = lambda: ntk.jacobian_rows(f, model.params, batch, chunk_size=args.chunk)  # noqa: E731
         rows().block_until_ready()
         out["jacobian_rows_s"] = _median_time(rows, args.repeats, lambda r: (r.block_until_ready(), None)[1])[0]
@@ -384,6 +394,7 @@ def main():
     probe = make_batch(rng, n, T, 8192)
     res_ntk = {}
     for name, fn in (("lensjax", lambda: ntk_lensjax(model, probe, args)),
+                     ("lensjax_rows", lambda: ntk_lensjax(model, probe, args, "rows")),
                      ("torch_loop", lambda: ntk_torch_loop(hf, probe, args)),
                      ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args))):
         try:
@@ -400,7 +411,7 @@ def main():
     if n < 16:
         print("  note: n < 16: torch's float32 J @ J.T is itself ~1e-3 off here, so the agreement check is loose")
     ref = res_ntk.get("torch_loop", {}).get("K")
-    for name in ("lensjax", "torch_func"):
+    for name in ("lensjax", "lensjax_rows", "torch_func"):
         if ref is not None and "K" in res_ntk[name]:
             res_ntk[name]["max_rel_diff_vs_loop"] = rel_diff(res_ntk[name]["K"], ref)
     if "K" in res_ntk.get("lensjax", {}) and "K" in res_ntk.get("torch_func", {}):
@@ -471,8 +482,10 @@ def main():
         if "time_s" in r:
             r["gflops_per_s"] = flops / r["time_s"] / 1e9
     parts = []
-    if "jacobian_rows_s" in lj:
-        parts.append(f"lensjax J alone {lj['jacobian_rows_s']:.2f} s (so J Jᵀ + glue ≈ {lj['time_s'] - lj['jacobian_rows_s']:.2f} s)")
+    lr = res_ntk.get("lensjax_rows", {})
+    if "jacobian_rows_s" in lr and "time_s" in lr:
+        parts.append(f"lensjax rows route {lr['time_s']:.2f} s: J alone {lr['jacobian_rows_s']:.2f} s "
+                     f"(so J Jᵀ + glue ≈ {lr['time_s'] - lr['jacobian_rows_s']:.2f} s)")
     for name in ("torch_loop", "torch_func"):
         if "jjt_s" in res_ntk[name]:
             parts.append(f"{name} J Jᵀ {res_ntk[name]['jjt_s']:.2f} s")

@@ -171,10 +171,15 @@ def rows_ntk(r):
         else:
             out.append(_row("ntk", t["task"], t["baseline"], t["baseline_s"], t["lensjax_s"], t["goal"], tr["flops"],
                             7 * P * 4, FORMULAS["adamw"]))
-    if "jacobian_rows_s" in lj and "time_s" in lj and "jjt_s" in ntk.get("torch_func", {}):
+    lr = ntk.get("lensjax_rows", lj if "jacobian_rows_s" in lj else {})  # older JSON: the rows route was "lensjax"
+    if "time_s" in lr and lr is not lj and "time_s" in ntk.get("torch_func", {}):
+        out.append(_row("ntk", f"exact NTK n={n}, generic rows route", "torch.func", ntk["torch_func"]["time_s"],
+                        lr["time_s"], None, ntk["flops"], 2 * n * P * 4, FORMULAS["ntk"],
+                        note="lensjax.kernels.ntk.ntk_exact: J by vmap(grad), then J Jᵀ"))
+    if "jacobian_rows_s" in lr and "time_s" in lr and "jjt_s" in ntk.get("torch_func", {}):
         out.append(_row("ntk", f"exact NTK: J Jᵀ part (n={n})", "torch.func J @ J.T", ntk["torch_func"]["jjt_s"],
-                        max(lj["time_s"] - lj["jacobian_rows_s"], 1e-9), None, ntk["jjt_flops"], n * P * 4,
-                        FORMULAS["ntk_jjt"], note="lensjax: whole NTK minus its per-sample-gradient program"))
+                        max(lr["time_s"] - lr["jacobian_rows_s"], 1e-9), None, ntk["jjt_flops"], n * P * 4,
+                        FORMULAS["ntk_jjt"], note="lensjax rows route: whole NTK minus its per-sample-gradient program"))
     return out
 
 

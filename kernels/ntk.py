@@ -30,6 +30,10 @@ sample, over the chosen parameters):
 * :func:`precondition` — ``J diag(p) Jᵀ`` for a diagonal preconditioner p (Adam's
   ``1/(√v̂ + ε)``): the NTK of preconditioned gradient descent, which is what Adam runs.
 
+For a language model, ``lensjax.models.lm_ntk.ntk_exact`` computes the same exact K by Gram taps
+(:mod:`lensjax.kernels.taps`: one batched backward, per-parameter Grams, no [n, P] J) and uses
+:func:`ntk_exact` here only for the leaves the taps do not cover.
+
 All functions are pure and jit-able; vmap them over a leading candidate axis of stacked
 parameters to treat candidates of one shape in one call.
 """

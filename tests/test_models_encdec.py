@@ -294,5 +294,9 @@ def test_ntk_exact_and_sketch_on_the_new_families(tmp_path, family):
     K = np.asarray(ntk.ntk_exact(f, m.params, batch, chunk_size=4))
     # float32 per-sample gradients on both sides, summed in other orders (Switch: 1.6e-5)
     assert np.abs(K - ref).max() / np.abs(ref).max() <= 5e-5
+    from lensjax.models import lm_ntk  # Gram taps (relative bias, shared tokens, experts: rows route)
+
+    Kt = np.asarray(lm_ntk.ntk_exact(m.config, m.params, batch, chunk_size=4))
+    assert np.abs(Kt - ref).max() / np.abs(ref).max() <= 5e-5
     S = np.asarray(ntk.ntk_sketch(f, m.params, batch, jax.random.key(0), k=256, chunk_size=8))
     assert np.linalg.norm(S - ref) / np.linalg.norm(ref) <= 2 / np.sqrt(256) * 2

@@ -9,6 +9,7 @@ from scipy.linalg import expm
 
 import lensjax
 from lensjax.kernels import ntk
+from lensjax.models import lm_ntk
 from lensjax.models.lm import scalar_fn
 from tiny_hf import make
 
@@ -39,6 +40,52 @@ def test_exact_ntk_equals_jacrev(tiny):
     for store in (True, False):
         K = np.asarray(ntk.ntk_exact(f, model.params, batch, chunk_size=4, store_jacobian=store))
         assert np.abs(K - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_tapped_lm_ntk_equals_jacrev(tiny):
+    """lensjax.models.lm_ntk (one batched backward with Gram taps) against float64 J Jᵀ from
+    jax.jacrev, all parameters and an MLP-only mask; every Llama leaf is tapped (none falls back
+    to the per-sample-gradient route)."""
+    model, batch = tiny
+    f = scalar_fn(model.config)
+    flat, unravel = ravel_pytree(model.params)
+    J = np.asarray(jax.jacrev(lambda v: jax.vmap(lambda ex: f(unravel(v), ex))(batch))(flat), np.float64)
+    K = np.asarray(lm_ntk.ntk_exact(model.config, model.params, batch))
+    ref = J @ J.T
+    assert np.abs(K - ref).max() / np.abs(ref).max() <= 1e-5
+    _, tapped = lm_ntk.tap_params(model.config, model.params, 8)
+    assert all(jax.tree.leaves(tapped))
+    mask = jax.tree_util.tree_map_with_path(lambda p, _: "['mlp']" in jax.tree_util.keystr(p), model.params)
+    cols = np.concatenate([np.ravel(m) for m in jax.tree.leaves(
+        jax.tree.map(lambda a, m: np.full(a.shape, m), model.params, mask))])
+    Km = np.asarray(lm_ntk.ntk_exact(model.config, model.params, batch, mask=mask))
+    refm = J[:, cols] @ J[:, cols].T
+    assert np.abs(Km - refm).max() / np.abs(refm).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_tapped_lm_ntk_with_biases_and_learned_positions(tmp_path, family):
+    """GPT-2: biases, LayerNorm biases and learned positions tapped, the tied token table left to the
+    per-sample-gradient route; K against float64 jacrev, left padding included."""
+    make(family, tmp_path)
+    model = lensjax.load(tmp_path)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 100, size=(4, 9)).astype(np.int32)
+    attn = np.ones((4, 9), bool)
+    attn[2, :3] = False
+    target = np.zeros((4, 9), bool)
+    target[:, 5:] = True
+    batch = {"ids": jnp.asarray(ids), "attn": jnp.asarray(attn), "target": jnp.asarray(target)}
+    f = scalar_fn(model.config)
+    flat, unravel = ravel_pytree(model.params)
+    J = np.asarray(jax.jacrev(lambda v: jax.vmap(lambda ex: f(unravel(v), ex))(batch))(flat), np.float64)
+    K = np.asarray(lm_ntk.ntk_exact(model.config, model.params, batch, chunk_size=2))
+    ref = J @ J.T
+    assert np.abs(K - ref).max() / np.abs(ref).max() <= 1e-5
+    _, tapped = lm_ntk.tap_params(model.config, model.params, 4)
+    flags = jax.tree_util.tree_map_with_path(lambda p, t: (jax.tree_util.keystr(p), t), tapped)
+    named = dict(jax.tree.leaves(flags, is_leaf=lambda x: isinstance(x, tuple)))
+    assert named["['embed']['positions']"] and not named["['embed']['tokens']"]  # tied head
 
 
 def test_masked_ntk_and_candidates_vmapped(tiny):

@@ -14,6 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
+from lensjax.kernels import taps
+
+# Keys of the NTK Gram taps (lensjax.models.ntk): a dict holding "ntk_w" next to "w" (and so on)
+# runs that parameter's op through lensjax.kernels.taps, whose backward yields its block of K.
+TAP = "ntk_"
 
 NEG_INF = -1e30  # finite, so that fully masked (padding) rows stay finite
 
@@ -23,12 +28,19 @@ def norm(cfg: ModelConfig, p: dict, x):
     x32 = x.astype(jnp.float32)
     if cfg.norm == "rmsnorm":  # Llama RMSNorm and T5's LayerNorm (no mean, no bias) alike
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        if TAP + "scale" in p:
+            return taps.scale(y.astype(dtype), p["scale"], p[TAP + "scale"])
         return p["scale"] * y.astype(dtype)  # as HF: scale times the result cast back
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * p["scale"].astype(jnp.float32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    if TAP + "scale" in p:
+        y = taps.scale(y, p["scale"].astype(jnp.float32), p[TAP + "scale"])
+    else:
+        y = y * p["scale"].astype(jnp.float32)
     if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
+        b = p["bias"].astype(jnp.float32)
+        y = taps.add(y, b, p[TAP + "bias"]) if TAP + "bias" in p else y + b
     return y.astype(dtype)
 
 
@@ -48,13 +60,18 @@ def dense(p: dict, x):
     # As a 2-D matmul: XLA's CPU backward of a 3-D x @ W transposes [B, T, F] badly (measured:
     # 10M Llama gradient, 8 x 128 tokens, 717 -> 520 ms).
     lead = x.shape[:-1]
-    y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
+    if TAP + "w" in p:
+        y = taps.matmul(x, p["w"], p[TAP + "w"])
+    else:
+        y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
     if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
         d = p["svf_d"]
         if "svf_rows" in p:  # per-row expert sets: d [E, r], row b uses set svf_rows[b]
             d = jnp.take(d, p["svf_rows"], axis=0).reshape(x.shape[0], *(1,) * (x.ndim - 2), d.shape[-1])
         y = y + (((x @ p["svf_u"].astype(x.dtype)) * d.astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
-    return y + p["b"] if "b" in p else y
+    if "b" in p:
+        return taps.add(y, p["b"], p[TAP + "b"]) if TAP + "b" in p else y + p["b"]
+    return y
 
 
 def mlp(cfg: ModelConfig, p: dict, h):

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 
 from lensjax.config import ModelConfig
 from lensjax.models.layers import (  # noqa: F401  (NEG_INF, rope_inv_freq: re-exported)
-    NEG_INF, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
+    NEG_INF, TAP, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
 )
+from lensjax.kernels import taps
 
 _dense = dense  # the name lensjax.svf's notes refer to
 
@@ -55,17 +56,22 @@ def _stack_params(cfg: ModelConfig, params: dict, stack: str) -> dict:
         sp["final_norm"] = params["final_norm"]
     if "positions" in params["embed"]:
         sp["positions"] = params["embed"]["positions"]
+        if TAP + "positions" in params["embed"]:
+            sp[TAP + "positions"] = params["embed"][TAP + "positions"]
     return sp
 
 
 def _embed(cfg: ModelConfig, params, sp, ids_BT, positions_BT):
-    x = jnp.take(params["embed"]["tokens"], ids_BT, axis=0)
+    emb = params["embed"]
+    x = taps.take(emb["tokens"], ids_BT, emb[TAP + "tokens"]) if TAP + "tokens" in emb else jnp.take(emb["tokens"], ids_BT, axis=0)
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if cfg.has_projection:
         x = x @ params["project_in"]["w"]
     if cfg.positions == "learned":
-        x = x + jnp.take(sp["positions"], positions_BT + cfg.position_offset, axis=0)
+        pos = positions_BT + cfg.position_offset
+        x = x + (taps.take(sp["positions"], pos, sp[TAP + "positions"]) if TAP + "positions" in sp
+                 else jnp.take(sp["positions"], pos, axis=0))
     if cfg.embed_norm:
         x = norm(cfg, sp["embed_norm"], x)
     return x
@@ -196,9 +202,14 @@ def _finish(cfg: ModelConfig, params, sp, x):
     if cfg.head_scale != 1.0:
         x = x * jnp.asarray(cfg.head_scale, x.dtype)
     head = params["embed"]["tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["w"]
-    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+    hp = {} if cfg.tie_word_embeddings else params["lm_head"]
+    if TAP + "w" in hp:
+        logits = taps.matmul(x, head, hp[TAP + "w"], True)
+    else:
+        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
     if cfg.head_bias:
-        logits = logits + params["lm_head"]["b"].astype(jnp.float32)
+        b = params["lm_head"]["b"].astype(jnp.float32)
+        logits = taps.add(logits, b, hp[TAP + "b"]) if TAP + "b" in hp else logits + b
     return logits
 
 

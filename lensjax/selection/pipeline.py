@@ -34,6 +34,7 @@ from lensjax.kernels import ntk as ntk_kernel
 from lensjax.selection import cost as cost_mod
 from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
 from lensjax.selection.finetune import CurvesStore, FinetuneConfig, evaluate, finetune
+from lensjax.models import lm_ntk
 from lensjax.models.lm import sample_loglik, scalar_fn
 from lensjax.selection import predictors
 from lensjax.selection.selectors import SelectionError, select_many
@@ -128,7 +129,9 @@ def compute_ntk(config, params, data, cfg: NTKConfig, pad_id: int, lr: float) ->
         flops += 6.0 * n_params * mean_tok * 8 * cfg.adam_steps
     elif cfg.kernel != "plain":
         raise ValueError(f"unknown NTK kernel {cfg.kernel!r}; choose plain or adam")
-    if cfg.mode == "exact":
+    if cfg.mode == "exact" and cfg.kernel == "plain":  # Gram taps: no [n, P] Jacobian (lensjax.models.lm_ntk)
+        K = lm_ntk.ntk_exact(config, params, probe, reduce=cfg.reduce, chunk_size=cfg.chunk_size)
+    elif cfg.mode == "exact":
         K = ntk_kernel.ntk_exact(f, p_ntk, probe, chunk_size=cfg.chunk_size, mask=mask)
     elif cfg.mode == "sketch":
         K = ntk_kernel.ntk_sketch(f, p_ntk, probe, jax.random.key(cfg.seed), k=cfg.sketch_k,
