@@ -52,3 +52,43 @@ def test_fit_on_8_fake_devices_matches_single_device():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK 418")
+
+
+NTK_SCRIPT = textwrap.dedent(
+    """
+    import sys, tempfile
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import lensjax
+    from lensjax.models import lm_ntk
+    from lensjax.parallel import make_mesh, shard_batch, shard_params
+    from tiny_hf import make
+
+    d = tempfile.mkdtemp()
+    make("llama", d, gqa=True)
+    m = lensjax.load(d)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(8, 12)).astype(np.int32)
+    attn = np.ones((8, 12), bool); attn[3, 9:] = False
+    target = np.zeros((8, 12), bool); target[:, 6:] = True
+    batch = {"ids": jnp.asarray(ids), "attn": jnp.asarray(attn), "target": jnp.asarray(target)}
+    single = np.asarray(lm_ntk.ntk_exact(m.config, m.params, batch))
+    mesh = make_mesh(data=2, fsdp=4)
+    K = lm_ntk.ntk_exact(m.config, shard_params(m.params, m.config, mesh), shard_batch(batch, mesh))
+    err = np.abs(np.asarray(K) - single).max() / np.abs(single).max()
+    assert err <= 1e-5, err
+    print("OK", err)
+    """
+)
+
+
+@pytest.mark.slow
+def test_tapped_ntk_on_8_fake_devices_matches_single_device():
+    """The Gram-tap NTK with fsdp-sharded parameters and a data-sharded probe batch equals one device."""
+    from pathlib import Path
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    tests = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", NTK_SCRIPT, tests], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK")
