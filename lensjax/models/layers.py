@@ -16,7 +16,7 @@ import numpy as np
 from lensjax.config import ModelConfig
 from lensjax.kernels import taps
 
-# Keys of the NTK Gram taps (lensjax.models.ntk): a dict holding "ntk_w" next to "w" (and so on)
+# Keys of the NTK Gram taps (lensjax.models.lm_ntk): a dict holding "ntk_w" next to "w" (and so on)
 # runs that parameter's op through lensjax.kernels.taps, whose backward yields its block of K.
 TAP = "ntk_"
 

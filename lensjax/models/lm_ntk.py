@@ -106,5 +106,6 @@ def _ntk(cfg, reduce, params, batch, chunk_size, flags):
     # every leaf that is wanted and not tapped: the generic per-sample-gradient route
     left = [(not t) and (flags is None or flags[i]) for i, t in enumerate(jax.tree.leaves(tapped))]
     if any(left):
-        K = K + ntk_kernel._ntk_exact(scalar_fn(cfg, reduce), params, batch, chunk_size, tuple(left), True)
+        rest_mask = jax.tree.unflatten(jax.tree.structure(params), left)
+        K = K + ntk_kernel.ntk_exact(scalar_fn(cfg, reduce), params, batch, chunk_size=chunk_size, mask=rest_mask)
     return K
