@@ -68,8 +68,10 @@ def _run(family, model, hf, rng, pad_side):
 @pytest.mark.parametrize("family,kw", CASES, ids=IDS)
 def test_logits_match_hf(tmp_path, family, kw):
     """float32 lensjax within 1e-4 of Hugging Face. Encoder-decoders are compared with the HF model
-    run in float64 (the exact answer for these weights): with T5 v1.1 / mT5's unscaled head
-    (|logit| ~ 25 here) HF's own float32 is 1.2e-4 from it, lensjax's 6-8e-5. Decoder-only
+    run in float64 (the exact answer for these weights), within 1e-4 or 1.5x the distance of HF's
+    own float32 from it, whichever is larger: with T5 v1.1 / mT5's unscaled head (|logit| ~ 21-25
+    here) HF's float32 is 8.3e-5-1.2e-4 from it and lensjax's 6.6e-5-1.14e-4, by CPU (float32
+    summation order; 1.14e-4 = 1.28x HF's on an AMD EPYC on 2026-12-04). Decoder-only
     families use HF float32 (HF Phi gives NaN on padded rows in float64, and GPT-2's
     ``reorder_and_upcast_attn`` refuses float64)."""
     hf = make(family, tmp_path, **kw)
@@ -81,7 +83,11 @@ def test_logits_match_hf(tmp_path, family, kw):
         got = ours(model)
         assert got.shape == ref.shape
         err = np.abs(got - ref)[keep].max()
-        assert err <= 1e-4, (side, err, np.abs(ref[keep]).max())
+        bound = 1e-4
+        if family in ENCODER_DECODER:  # float32 error also scales with the logits: never above 1.5x HF's own
+            _, ref32, _ = _run(family, model, hf, np.random.default_rng(1), side)
+            bound = max(bound, 1.5 * np.abs(ref32 - ref)[keep].max())
+        assert err <= bound, (side, err, bound, np.abs(ref[keep]).max())
     # bfloat16 parameters vs the float64 reference: mean per-token KL(p_ref || p_ours), bounded by
     # 1e-2 or twice HF's own bfloat16 KL (T5 v1.1's unscaled head makes logits large, so bf16 costs
     # HF 0.02 there; over seeds 0-2 lensjax's is 0.016-0.032, HF's 0.020-0.021).
