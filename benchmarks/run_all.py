@@ -102,7 +102,7 @@ def machine() -> dict:
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "host": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "versions": versions}
+            "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def run_one(name: str, mode: str, out_dir: Path, timeout_s: float) -> dict:
@@ -231,7 +231,8 @@ def markdown(payload) -> str:
         f"Device: {m['device_kind']} ({m['platform']}, {m['device_count']} device(s)), {m['cpu_count']} CPUs; "
         f"jax {v['jax']}, torch {v['torch']}, transformers {v['transformers']}; {payload['date']}; mode {payload['mode']}.",
         f"Matmul peak measured in this run (float32 2048³ jnp.matmul): {pk['gflop_s']:.0f} GFLOP/s "
-        f"(before {pk['before']['gflop_s']:.0f}, after {pk['after']['gflop_s']:.0f}).",
+        f"(before {pk['before']['gflop_s']:.0f}, after {pk['after']['gflop_s']:.0f})."
+        + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else ""),
         "",
         "| benchmark | task | baseline | baseline s | lensjax s | ratio | goal | met | GFLOP | MB (min) | lensjax GFLOP/s | % of peak | other load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
