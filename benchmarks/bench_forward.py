@@ -285,4 +285,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from lensjax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # glibc huge pages for XLA's buffers (lensjax/runtime.py)
     main()

@@ -102,7 +102,8 @@ def machine() -> dict:
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "host": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def run_one(name: str, mode: str, out_dir: Path, timeout_s: float) -> dict:
@@ -232,7 +233,8 @@ def markdown(payload) -> str:
         f"jax {v['jax']}, torch {v['torch']}, transformers {v['transformers']}; {payload['date']}; mode {payload['mode']}.",
         f"Matmul peak measured in this run (float32 2048³ jnp.matmul): {pk['gflop_s']:.0f} GFLOP/s "
         f"(before {pk['before']['gflop_s']:.0f}, after {pk['after']['gflop_s']:.0f})."
-        + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else ""),
+        + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else "")
+        + (f" GLIBC_TUNABLES: `{m['glibc_tunables']}`." if m.get("glibc_tunables") else ""),
         "",
         "| benchmark | task | baseline | baseline s | lensjax s | ratio | goal | met | GFLOP | MB (min) | lensjax GFLOP/s | % of peak | other load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -303,4 +305,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from lensjax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # glibc huge pages for XLA's buffers (lensjax/runtime.py)
     raise SystemExit(main())

@@ -306,6 +306,9 @@ app.add_typer(svf_app, name="svf")
 
 
 def main() -> None:
+    from lensjax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # glibc huge pages for XLA's buffers (see lensjax/runtime.py)
     app()
 
 

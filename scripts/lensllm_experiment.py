@@ -569,4 +569,7 @@ def report(spec, zoo, tasks) -> None:
 
 
 if __name__ == "__main__":
+    from lensjax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # glibc huge pages for XLA's buffers (lensjax/runtime.py)
     raise SystemExit(main())
