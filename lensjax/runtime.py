@@ -10,12 +10,15 @@ on a 2-core AMD EPYC (Zen 4), four interleaved A/B pairs of runs: the AdamW step
 ways), peak RSS of ``bench_ntk.py --quick`` 4.67 → 4.79 GB. Numerics are unchanged (the same
 programs run on the same bytes).
 
-glibc reads tunables only when a process starts, so :func:`reexec_with_huge_pages` restarts the
-current command with the tunable added (``os.execve``: same interpreter, arguments and the rest
-of the environment) when it would take effect and is not set yet: Linux with glibc ≥ 2.35, THP
-not ``never`` in ``/sys/kernel/mm/transparent_hugepage/enabled``, and no ``malloc.hugetlb`` in
-``GLIBC_TUNABLES`` already. The ``lensjax`` command and the benchmark and experiment scripts call
-it first thing; importing lensjax never does. ``LENSJAX_HUGE_PAGES=0`` turns it off. In your own
+The effect depends on the host: on an earlier host (137–178 GFLOP/s) one same-session
+pair had gone the other way (exact NTK 4.48 → 5.00 s, AdamW step 0.745 → 0.836 s; with THP
+``defrag=madvise`` a huge-page fault may compact memory first). So it is opt-in:
+``LENSJAX_HUGE_PAGES=1`` makes :func:`reexec_with_huge_pages` restart the current command with the
+tunable added (``os.execve``: same interpreter, arguments and the rest of the environment), since
+glibc reads tunables only when a process starts, where it would take effect and is not set yet:
+Linux with glibc ≥ 2.35, THP not ``never`` in ``/sys/kernel/mm/transparent_hugepage/enabled``,
+and no ``malloc.hugetlb`` in ``GLIBC_TUNABLES`` already. The ``lensjax`` command and the
+benchmark and experiment scripts call it first thing; importing lensjax never does. In your own
 program, start Python with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for the same effect.
 """
 
@@ -30,10 +33,10 @@ THP_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def huge_pages_env(environ: dict | None = None, *, thp_path: str = THP_PATH) -> dict | None:
-    """The environment to restart with, or None where the tunable is set already, disabled, or
-    would do nothing here."""
+    """The environment to restart with, or None where huge pages are not asked for
+    (``LENSJAX_HUGE_PAGES=1``), the tunable is set already, or it would do nothing here."""
     env = dict(os.environ if environ is None else environ)
-    if env.get("LENSJAX_HUGE_PAGES", "1") == "0" or "malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    if env.get("LENSJAX_HUGE_PAGES", "0") != "1" or "malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
         return None
     if not sys.platform.startswith("linux"):
         return None
