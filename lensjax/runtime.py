@@ -59,7 +59,7 @@ def reexec_with_huge_pages() -> None:
     env = huge_pages_env()
     if env is None:
         return
-    argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]
+    argv = [sys.executable, *sys.orig_argv[1:]]  # with the interpreter's own options (-m, -X, ...)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)

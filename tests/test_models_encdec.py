@@ -273,8 +273,8 @@ def test_readme_checkpoint_snippet_runs_as_written(monkeypatch):
 @pytest.mark.parametrize("family", ["t5", "switch"])
 def test_ntk_exact_and_sketch_on_the_new_families(tmp_path, family):
     """The exact NTK of the per-sample target log-likelihood equals J Jᵀ (J from one jax.grad per
-    sample, float64 product) for an encoder-decoder, and the sketch estimates it (relative error ≲ 2/√k). T5 (relative bias) and
-    Switch (experts under lax.cond) here; BART and Phi passed the same test (rel. 1e-5) when it was
+    sample, float64 product) for an encoder-decoder, and the sketch estimates it (relative error
+    ≲ 2/√k). T5 (relative bias) and Switch (experts under lax.cond) here; BART and Phi passed the same test (rel. 1e-5) when it was
     written and were dropped to keep .ci/run under 25 minutes; BART's NTK still runs in the mixed
     select test."""
     import jax
