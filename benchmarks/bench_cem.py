@@ -17,8 +17,13 @@ the simplex), each answering ``--shots`` shots, in two fitness modes:
 
 Contenders:
 
-* ``lensjax batched``: the population's multipliers mixed at once (``mixing.mix_many``), one
-  jitted call over pop × shots rows with per-row experts (``mixing.row_params``): W, U, Vᵀ shared;
+* ``lensjax batched``: the library's population scorer. The population's multipliers are mixed
+  at once (``mixing.mix_many``); ``generate``: one jitted call over pop × shots rows with per-row
+  experts (``mixing.row_params``: W, U, Vᵀ shared, the factored apply); ``loglik``:
+  ``mixing.loglik_rows`` as the CEM search calls it, which takes the factored route or recomposes
+  each member's W′ once under ``lax.map``, whichever has fewer FLOPs (the route taken is recorded);
+* ``lensjax factored rows`` (``loglik`` only): the one factored call over all rows, whatever the
+  FLOPs (the route ``loglik_rows`` took before it could recompose);
 * ``lensjax per-member``: per member, a jitted dense recomposition W′ = W + U diag(σ(g − 1)) Vᵀ of
   every target, then ``lensjax.generate`` / the log-likelihood on that member's shots;
 * ``torch per-member``: per member, W′ = U diag(σ ⊙ g) Vᵀ (the reference's ``compose_new_params``)
@@ -136,12 +141,20 @@ def bench_size(name: str, spec: dict, Tp: int, N: int, args, peak: dict, tmp: Pa
     recompose = jax.jit(lambda params, dec, g: core.adapted_params(params, dec, g, factored=False))
     gen_kw = dict(max_new_tokens=N, eos_token_id=[], pad_token_id=0)
 
+    batchP_host = {k: np.asarray(v) for k, v in batchP.items()}
+    route = "recompose" if mixing._recompose_is_cheaper(dec, n * (Tp + N)) else "factored"
+    out["loglik_route"] = route
+
     def lj_batched(mode):
         sets = mixing.mix_many(es, dec, alphas)
-        p = mixing.row_params(model.params, dec, sets, rows)
         if mode == "generate":
+            p = mixing.row_params(model.params, dec, sets, rows)
             return np.asarray(generate(cfg, p, ids_pop, **gen_kw))
-        return np.asarray(loglik(cfg, p, batchP))
+        return mixing.loglik_rows(model, dec, sets, rows, batchP_host)
+
+    def lj_factored(mode):
+        sets = mixing.mix_many(es, dec, alphas)
+        return np.asarray(loglik(cfg, mixing.row_params(model.params, dec, sets, rows), batchP))
 
     def lj_member(mode):
         res = []
@@ -182,19 +195,22 @@ def bench_size(name: str, spec: dict, Tp: int, N: int, args, peak: dict, tmp: Pa
 
     for mode in ("generate", "loglik"):
         r = {}
-        for label, fn in (("lensjax batched", lj_batched), ("lensjax per-member", lj_member), ("torch per-member", th_member)):
+        contenders = [("lensjax batched", lj_batched), ("lensjax per-member", lj_member), ("torch per-member", th_member)]
+        if mode == "loglik":
+            contenders.insert(1, ("lensjax factored rows", lj_factored))
+        for label, fn in contenders:
             t = time.perf_counter()
             fn(mode)
             first = time.perf_counter() - t
             sec = median_time(lambda: fn(mode), args.repeats)
-            batched = label == "lensjax batched"
+            batched = label == "lensjax factored rows" or (label == "lensjax batched" and (mode == "generate" or route == "factored"))
             fl = flops(cfg, dec, n * (Tp if mode == "generate" else Tp + N), n * N if mode == "generate" else 0,
                        Tp + N, batched)
             pk = peak["torch_gflops"] if label.startswith("torch") else peak["jax_gflops"]
             r[label] = {"seconds": sec, "first_call_seconds": first, "members_per_second": P / sec,
                         "flops_per_member": fl, "gflops": fl * P / sec / 1e9, "fraction_of_peak": fl * P / sec / 1e9 / pk}
         base = r["lensjax batched"]["seconds"]
-        for label in ("lensjax per-member", "torch per-member"):
+        for label in [k for k in r if k != "lensjax batched"]:
             r[label]["batched_speedup"] = r[label]["seconds"] / base
         # the batched answers agree with the per-member ones (greedy tokens / log-likelihoods)
         a, b = lj_batched(mode), lj_member(mode)
@@ -235,7 +251,7 @@ def main(argv=None) -> int:
     for name, res in results.items():
         wl = f"{name} (d {res['model']['d']}, {res['prompt_tokens']}+{res['new_tokens']} tokens)"
         for mode in ("generate", "loglik"):
-            for label in ("lensjax batched", "lensjax per-member", "torch per-member"):
+            for label in [k for k in res[mode] if isinstance(res[mode][k], dict)]:
                 x = res[mode][label]
                 sp = f"{x['batched_speedup']:.1f}×" if "batched_speedup" in x else "–"
                 print(f"| {wl} | {mode} | {label} | {x['seconds']:.3f} | {x['members_per_second']:.1f} | {sp} | "

@@ -107,6 +107,33 @@ def test_population_in_one_call_equals_separate_forwards(tiny):
         np.testing.assert_allclose(whole[b], np.asarray(ref)[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_rows", [None, 6, 4])
+def test_loglik_recomposing_each_set_equals_the_factored_rows(tiny, max_rows):
+    """A CEM population's shots (each set's rows contiguous): recomposing W′ once per set gives the
+    factored per-row scores; 'auto' picks recomposition when it has the fewer FLOPs."""
+    dec = core.decompose_params(tiny.params, "all")
+    es = mixing.expert_set(dec, [(f"e{i}", _z(dec, i), {}) for i in range(3)])
+    P, n = 5, 2
+    sets = mixing.mix_many(es, dec, np.random.default_rng(1).uniform(0, 1, (P, 3)))
+    rows = np.repeat(np.arange(P)[::-1], n)  # any order of the sets, each set's rows together
+    ids = np.random.default_rng(2).integers(3, 40, (P * n, 48))
+    target = np.zeros_like(ids, bool)
+    target[:, 30:] = True
+    attn = np.ones_like(ids, bool)
+    attn[1, -5:] = False
+    batch = {"ids": ids, "attn": attn, "target": target}
+    factored = mixing.loglik_rows(tiny, dec, sets, rows, batch, route="factored")
+    by_set = mixing.loglik_rows(tiny, dec, sets, rows, batch, max_rows=max_rows, route="recompose")
+    np.testing.assert_allclose(by_set, factored, rtol=2e-5)
+    assert mixing._recompose_is_cheaper(dec, n * 48)  # so "auto" recomposes here
+    np.testing.assert_allclose(mixing.loglik_rows(tiny, dec, sets, rows, batch, max_rows=max_rows), by_set, rtol=0)
+    # rows that interleave the sets cannot be recomposed per set
+    with pytest.raises(core.SVFError, match="contiguous"):
+        mixing.loglik_rows(tiny, dec, sets, np.tile(np.arange(P), n), batch, route="recompose")
+    with pytest.raises(ValueError, match="unknown route"):
+        mixing.loglik_rows(tiny, dec, sets, rows, batch, route="dense")
+
+
 def test_generate_with_per_row_experts_equals_per_expert_generate(tiny):
     dec = core.decompose_params(tiny.params, "mlp")
     zs = [_z(dec, i, 0.2, 1.8) for i in range(3)]

@@ -97,14 +97,19 @@ def search(model, dec: core.Decomposition, experts: mixing.ExpertSet, shots: Tas
            lo: float = 0.0, hi: float = 1.0, bounds: str = "clamp", per_matrix: bool = False,
            space: str = "multipliers", normalise: bool = True, std_floor: float = 0.0, smoothing: float = 0.0,
            keep_best: bool = True, val_every: int = 10, max_new_tokens: int = 256, max_rows: int | None = None,
-           seed: int = 0, on_generation: Callable | None = None, mesh: jax.sharding.Mesh | None = None) -> dict:
+           seed: int = 0, on_generation: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
+           loglik_route: str = "auto") -> dict:
     """Run the search; returns the chosen ``alpha`` (list, [K] or [K, M]) with its validation and
     shot accuracy, the per-generation history, the validated candidates and the token count.
 
     With ``mesh``: the population's rows (every member × every shot, and the validated candidates
     × the validation set) are split over its ``data`` axis, chunks padded to a multiple of it; the
     parameters follow the logical-axis rules (left as they are when loaded on ``mesh``), and the
-    decomposition, the experts and the CEM state are replicated."""
+    decomposition, the experts and the CEM state are replicated.
+
+    ``loglik_route``: how the tie-break log-likelihoods are scored (the ``route`` of
+    :func:`lensjax.svf.mixing.loglik_rows`: ``"auto"`` recomposes each member's W′ once where that
+    has fewer FLOPs, on one device; ``"factored"`` always runs the per-row factored apply)."""
     if len(shots) == 0:
         raise core.SVFError("the shot set is empty")
     if len(val) == 0:
@@ -117,12 +122,12 @@ def search(model, dec: core.Decomposition, experts: mixing.ExpertSet, shots: Tas
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         return _search(model, dec, experts, shots, val, pop_size, n_elites, generations, init_mean, init_std, lo, hi,
                        bounds, per_matrix, space, normalise, std_floor, smoothing, keep_best, val_every,
-                       max_new_tokens, max_rows, seed, on_generation, mesh)
+                       max_new_tokens, max_rows, seed, on_generation, mesh, loglik_route)
 
 
 def _search(model, dec, experts, shots, val, pop_size, n_elites, generations, init_mean, init_std, lo, hi, bounds,
             per_matrix, space, normalise, std_floor, smoothing, keep_best, val_every, max_new_tokens, max_rows, seed,
-            on_generation, mesh):
+            on_generation, mesh, loglik_route):
     K, M = len(experts), len(experts.paths)
     D = K * M if per_matrix else K
     mean0 = jnp.full((D,), 1.0 / K if init_mean is None else init_mean, jnp.float32)
@@ -145,7 +150,8 @@ def _search(model, dec, experts, shots, val, pop_size, n_elites, generations, in
         correct = np.asarray(shots.score_many(texts, refs), np.float32).reshape(pop_size, n)
         tokens += sum(int(r.attn.sum()) for r in rolls)
         if lb_pop is not None:
-            ll = mixing.loglik_rows(model, dec, sets, rows, lb_pop, max_rows=max_rows, mesh=mesh).reshape(pop_size, n)
+            ll = mixing.loglik_rows(model, dec, sets, rows, lb_pop, max_rows=max_rows, mesh=mesh,
+                                    route=loglik_route).reshape(pop_size, n)
             tie = ll.mean(1)
             tokens += int(lb_pop["attn"].sum())
         else:  # code: mean log-prob of the member's own correct completions (0 when none is correct)
