@@ -74,20 +74,22 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def matmul_peak(repeats: int = 5) -> dict:
+def matmul_peak(repeats: int = 5, dtype: str = "float32") -> dict:
+    """Median GFLOP/s of a 2048³ matmul; "bfloat16": bf16 operands, float32 accumulation and result
+    (the mixed-precision training step's dots), XLA's default dot routing."""
     import jax
     import jax.numpy as jnp
 
     n = 2048
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    mm = jax.jit(jnp.matmul)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)).astype(dtype)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, a).block_until_ready()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         mm(a, a).block_until_ready()
         ts.append(time.perf_counter() - t0)
-    return {"n": n, "dtype": "float32", "seconds": float(np.median(ts)), "gflop_s": 2 * n ** 3 / float(np.median(ts)) / 1e9}
+    return {"n": n, "dtype": dtype, "seconds": float(np.median(ts)), "gflop_s": 2 * n ** 3 / float(np.median(ts)) / 1e9}
 
 
 def machine() -> dict:
@@ -171,7 +173,7 @@ def rows_ntk(r):
                             2 * n * P * 4, FORMULAS["ntk"]))
         else:
             out.append(_row("ntk", t["task"], t["baseline"], t["baseline_s"], t["lensjax_s"], t["goal"], tr["flops"],
-                            7 * P * 4, FORMULAS["adamw"]))
+                            7 * P * 4, FORMULAS["adamw"], precision=t.get("precision", "float32")))
     lr = ntk.get("lensjax_rows", lj if "jacobian_rows_s" in lj else {})  # older JSON: the rows route was "lensjax"
     if "time_s" in lr and lr is not lj and "time_s" in ntk.get("torch_func", {}):
         out.append(_row("ntk", f"exact NTK n={n}, generic rows route", "torch.func", ntk["torch_func"]["time_s"],
@@ -233,6 +235,8 @@ def markdown(payload) -> str:
         f"jax {v['jax']}, torch {v['torch']}, transformers {v['transformers']}; {payload['date']}; mode {payload['mode']}.",
         f"Matmul peak measured in this run (float32 2048³ jnp.matmul): {pk['gflop_s']:.0f} GFLOP/s "
         f"(before {pk['before']['gflop_s']:.0f}, after {pk['after']['gflop_s']:.0f})."
+        + (f" bfloat16 (float32 accumulation): {pk['bfloat16']['gflop_s']:.0f} GFLOP/s, the peak of the bf16 rows."
+           if pk.get("bfloat16") else "")
         + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else "")
         + (f" GLIBC_TUNABLES: `{m['glibc_tunables']}`." if m.get("glibc_tunables") else ""),
         "",
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
     print(f"matmul peak before: {before['gflop_s']:.0f} GFLOP/s on {info['device_kind']}", flush=True)
     benches = {name: run_one(name, mode, out_dir, args.timeout) for name in names}
     after = matmul_peak(2 if args.smoke else 5)
-    peak = {"gflop_s": max(before["gflop_s"], after["gflop_s"]), "before": before, "after": after}
+    peak = {"gflop_s": max(before["gflop_s"], after["gflop_s"]), "before": before, "after": after,
+            "bfloat16": matmul_peak(2 if args.smoke else 5, "bfloat16")}
 
     rows = []
     for name, rec in benches.items():
@@ -290,7 +295,8 @@ def main(argv=None) -> int:
             continue
         for r in new:
             r["lensjax_gflop_s"] = r["flops"] / r["lensjax_s"] / 1e9 if r["flops"] and r["lensjax_s"] else None
-            r["fraction_of_peak"] = r["lensjax_gflop_s"] / peak["gflop_s"] if r["lensjax_gflop_s"] else None
+            pk = peak["bfloat16"]["gflop_s"] if r.get("precision") == "bfloat16" else peak["gflop_s"]
+            r["fraction_of_peak"] = r["lensjax_gflop_s"] / pk if r["lensjax_gflop_s"] else None
             r["other_cpu_load"] = rec["other_cpu_load"]
         rows += new
     payload = {"command": "python benchmarks/run_all.py" + ("" if mode == "full" else f" --{mode}"), "mode": mode,

@@ -78,6 +78,11 @@ class ModelConfig:
     encoder_sparse_step: int = 0  # Hugging Face's rule: layer i sparse iff step > 0 and (i % step == 1 or step == 1)
     decoder_sparse_step: int = 0
     decoder_start_token_id: int | None = None
+    # --- how the forward pass computes (not from the checkpoint) ---
+    # "" : every matmul in the parameters' dtype. "bfloat16" / "float16": mixed precision, the
+    # dense layers and the head round their operands to that type and accumulate in float32
+    # (lensjax.kernels.mixed; set by the training steps' compute_dtype, parameters stay float32)
+    matmul_dtype: str = ""
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
-from lensjax.kernels import taps
+from lensjax.kernels import mixed, taps
 
 # Keys of the NTK Gram taps (lensjax.models.lm_ntk): a dict holding "ntk_w" next to "w" (and so on)
 # runs that parameter's op through lensjax.kernels.taps, whose backward yields its block of K.
@@ -56,12 +56,17 @@ def act(name: str, x):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def dense(p: dict, x):
+def dense(p: dict, x, matmul_dtype: str = ""):
+    """``x @ w (+ b)``, with the factored SVF delta when ``p`` holds one. ``matmul_dtype``
+    (``ModelConfig.matmul_dtype``): "" in the parameters' dtype, else mixed precision
+    (:mod:`lensjax.kernels.mixed`: operands in that type, float32 accumulation)."""
     # As a 2-D matmul: XLA's CPU backward of a 3-D x @ W transposes [B, T, F] badly (measured:
     # 10M Llama gradient, 8 x 128 tokens, 717 -> 520 ms).
     lead = x.shape[:-1]
     if TAP + "w" in p:
         y = taps.matmul(x, p["w"], p[TAP + "w"])
+    elif matmul_dtype:  # keeps x [B, T, K] whole: its weight gradient transposes it as 3-D
+        y = mixed.matmul(x, p["w"], matmul_dtype)
     else:
         y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
     if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
@@ -75,9 +80,10 @@ def dense(p: dict, x):
 
 
 def mlp(cfg: ModelConfig, p: dict, h):
+    mm = cfg.matmul_dtype
     if cfg.gated_mlp:
-        return dense(p["down"], act(cfg.activation, dense(p["gate"], h)) * dense(p["up"], h))
-    return dense(p["down"], act(cfg.activation, dense(p["up"], h)))
+        return dense(p["down"], act(cfg.activation, dense(p["gate"], h, mm)) * dense(p["up"], h, mm), mm)
+    return dense(p["down"], act(cfg.activation, dense(p["up"], h, mm)), mm)
 
 
 # ----------------------------------------------------------------------------------- positions

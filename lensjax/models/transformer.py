@@ -32,7 +32,7 @@ from lensjax.config import ModelConfig
 from lensjax.models.layers import (  # noqa: F401  (NEG_INF, rope_inv_freq: re-exported)
     NEG_INF, TAP, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
 )
-from lensjax.kernels import taps
+from lensjax.kernels import mixed, taps
 
 _dense = dense  # the name lensjax.svf's notes refer to
 
@@ -44,6 +44,11 @@ _dense = dense  # the name lensjax.svf's notes refer to
 # batched gradient over 64 x 64 tokens 2.23 -> 1.97 s; the losses are bit-identical. Without
 # differentiation (forward, sampling) jax.checkpoint changes nothing. None: save everything.
 LAYER_SAVE_POLICY = jax.checkpoint_policies.dots_saveable
+# Mixed precision (ModelConfig.matmul_dtype) also keeps each dense layer's low-precision input,
+# which its weight gradient transposes (lensjax.kernels.mixed: recomputing it there fused the
+# transpose with the SiLU gate, 10x slower than the copy alone).
+MIXED_SAVE_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(mixed.SAVE_NAME))
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
@@ -151,6 +156,8 @@ def _run_stack(cfg: ModelConfig, sp: dict, x, *, mask_BT, rope_positions, q_slot
     ffn_xs, ffn = _ffn_runner(cfg, layers, sparse)
     attn_layers = {k: v for k, v in layers.items() if k not in ("mlp", "moe")}
 
+    dense = functools.partial(_dense, matmul_dtype=cfg.matmul_dtype)
+
     def self_attention(p, h, window, scale, kc, vc):
         q = _heads(cfg, dense(p["q"], h), cfg.num_heads)
         k = _heads(cfg, dense(p["k"], h), cfg.num_kv_heads)
@@ -200,8 +207,11 @@ def _run_stack(cfg: ModelConfig, sp: dict, x, *, mask_BT, rope_positions, q_slot
         kc, vc = cache["k"], cache["v"]
     if cross is not None:
         ck, cv = cross[0], cross[1]
-    if LAYER_SAVE_POLICY is not None:
-        layer = jax.checkpoint(layer, policy=LAYER_SAVE_POLICY, prevent_cse=False)
+    policy = LAYER_SAVE_POLICY
+    if policy is jax.checkpoint_policies.dots_saveable and cfg.matmul_dtype:
+        policy = MIXED_SAVE_POLICY
+    if policy is not None:
+        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
     return jax.lax.scan(layer, x, (attn_layers, ffn_xs, windows, scales, kc, vc, ck, cv))
 
 
@@ -216,6 +226,10 @@ def _finish(cfg: ModelConfig, params, sp, x):
     hp = {} if cfg.tie_word_embeddings else params["lm_head"]
     if TAP + "w" in hp:
         logits = taps.matmul(x, head, hp[TAP + "w"], True)
+    elif cfg.matmul_dtype and cfg.tie_word_embeddings:  # the table [V, D] as it is stored
+        logits = mixed.matmul(x, params["embed"]["tokens"], cfg.matmul_dtype, True).astype(jnp.float32)
+    elif cfg.matmul_dtype:
+        logits = mixed.matmul(x, head, cfg.matmul_dtype).astype(jnp.float32)
     else:
         logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
     if cfg.head_bias:

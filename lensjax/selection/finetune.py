@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensjax.kernels import xla
+from lensjax.kernels import mixed, xla
 from lensjax.config import ModelConfig
 from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
@@ -59,6 +59,9 @@ class FinetuneConfig:
     patience: int = 0  # early stopping: evaluations without improvement (0: off)
     eval_every: int = 0  # steps between development evaluations (0: max(1, t // 10))
     n_dev: int = 200  # development examples held out of the training pool (with patience > 0)
+    # "float32", or "bfloat16": mixed precision (bf16 matmul operands, float32 accumulation,
+    # float32 weights, AdamW state and loss; lensjax.kernels.mixed)
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -67,6 +70,7 @@ class FinetuneConfig:
             raise ValueError("need 0 <= warmup < 1 and 0 <= final_lr <= 1")
         if self.patience < 0 or self.eval_every < 0 or self.n_dev < 0:
             raise ValueError("patience, eval_every and n_dev must be >= 0")
+        compute_config(None, self.compute_dtype)  # validates it
 
     def steps(self, d: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * d / self.batch_size))
@@ -87,10 +91,22 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation):
+def compute_config(config: ModelConfig | None, compute_dtype: str = "float32") -> ModelConfig | None:
+    """``config`` set to compute its matmuls in ``compute_dtype``: "float32" (as loaded) or
+    "bfloat16" / "float16" (mixed precision: ``ModelConfig.matmul_dtype``)."""
+    if compute_dtype not in ("float32",) + mixed.DTYPES:
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16; got {compute_dtype!r}")
+    if config is None:
+        return None
+    return dataclasses.replace(config, matmul_dtype="" if compute_dtype == "float32" else compute_dtype)
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, compute_dtype: str = "float32"):
     """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; params and optimiser
-    state are donated (updated in place)."""
-    return _train_step(config, optimizer)
+    state are donated (updated in place). ``compute_dtype="bfloat16"``: mixed precision (the
+    matmuls' operands in bfloat16 with float32 accumulation; weights, gradients, AdamW state and
+    the loss in float32)."""
+    return _train_step(compute_config(config, compute_dtype), optimizer)
 
 
 @functools.lru_cache(maxsize=32)
@@ -107,7 +123,7 @@ def scheduled_adamw(weight_decay: float = 0.0) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=32)
 def _scheduled_step(config, optimizer):
-    @functools.partial(xla.jit, donate_argnums=(0, 1))
+    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
     def step(params, opt_state, batch, lr):
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
         loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
@@ -119,7 +135,7 @@ def _scheduled_step(config, optimizer):
 
 @functools.lru_cache(maxsize=32)
 def _train_step(config, optimizer):
-    @functools.partial(xla.jit, donate_argnums=(0, 1))
+    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -185,7 +201,7 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
     if mesh is not None and ft.batch_size % mesh.shape.get("data", 1):
         raise ValueError(f"batch_size {ft.batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
     opt = scheduled_adamw(ft.weight_decay)
-    step = _scheduled_step(config, opt)
+    step = _scheduled_step(compute_config(config, ft.compute_dtype), opt)
     if mesh is None:
         p = jax.tree.map(jnp.copy, params)  # the pretrained weights stay untouched (donation)
     else:

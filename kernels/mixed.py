@@ -1,0 +1,89 @@
+"""Mixed-precision matmul for training: operands rounded to a low-precision type (bfloat16),
+products accumulated and returned in float32, weights and their gradients kept in float32.
+
+``matmul(x, w, dtype)`` is ``x @ w`` for ``x`` [..., K] and ``w`` [K, N] whose three dots (the
+forward product and the two gradients) all read ``dtype`` operands and accumulate in float32: the
+forward ``bf16(x) @ bf16(w)``, ``dx = bf16(g) @ bf16(w)ᵀ`` and ``dw = bf16(x)ᵀ @ bf16(g)``, each
+with a float32 result (``preferred_element_type``). That is PyTorch's ``torch.autocast`` recipe for
+the matmuls, except that autocast also rounds their *outputs* to bfloat16; here outputs stay
+float32, so only the operands lose precision.
+
+Why a custom VJP rather than ``x.astype(bf16) @ w.astype(bf16)``: JAX's transpose rule of a
+bf16 × bf16 → f32 dot multiplies the float32 cotangent with a bfloat16 operand, which XLA runs as
+a float32 dot (and returns a bfloat16 weight gradient). Here every dot reads bfloat16 and gives
+float32.
+
+Dot layouts (XLA CPU): this jaxlib runs a bf16 × bf16 → f32 dot through its YNN library (AMX or
+AVX512-BF16 where the CPU has them) only when the left operand contracts its last dimension; a dot
+contracting the left operand's first dimension — the weight gradient ``xᵀ g`` over the tokens — is
+converted to float32 and run by Eigen (measured on a 2-core Xeon with AMX: [1024, 256]ᵀ·[1024,
+1024] 3.2 ms as a float32 dot, 0.64 ms with the transpose below). XLA's simplifier folds a plain
+2-D transpose of ``x`` back into the dot, so ``x`` [B, T, K] is transposed as a 3-D array to
+[K, B, T] and reshaped to [K, B·T], which it keeps as a copy. The transposed copy is made in the
+backward pass from the saved bfloat16 ``x`` (tagged :data:`SAVE_NAME` for a remat policy): fused
+with an element-wise producer that it would otherwise recompute (SiLU), XLA CPU's transposing
+loop ran 10x slower than the copy alone.
+
+GPU and TPU take the same program; their dot emitters handle every layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# checkpoint_name of the low-precision left operand, for remat policies that keep it
+SAVE_NAME = "lensjax_mixed_lhs"
+
+DTYPES = ("bfloat16", "float16")
+
+
+def _dot(a, b, contract_b: int):
+    """a [..., K] · b (K on axis ``contract_b`` of the 2-D b), float32 result."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _rows_t(x):
+    """[..., K] -> [K, rows]: transposed as a 3-D array when x has two leading axes of size > 1
+    (a copy that the dot keeps; see the module notes), else as a 2-D transpose."""
+    if x.ndim >= 3 and x.shape[0] > 1 and x.size // (x.shape[0] * x.shape[-1]) > 1:
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        return jnp.transpose(x3, (2, 0, 1)).reshape(x.shape[-1], -1)
+    return x.reshape(-1, x.shape[-1]).T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x, w, dtype: str = "bfloat16", transpose_w: bool = False):
+    """``x @ w`` (``x @ wᵀ`` with ``transpose_w``: ``w`` [N, K], a tied embedding table) with
+    ``dtype`` operands and float32 accumulation in the forward and backward passes; the result
+    has ``x``'s dtype (see the module notes)."""
+    return _dot(x.astype(dtype), w.astype(dtype), int(transpose_w)).astype(x.dtype)
+
+
+def _fwd(x, w, dtype, transpose_w):
+    xl = checkpoint_name(x.astype(dtype), SAVE_NAME)
+    wl = w.astype(dtype)
+    # zero-size templates carry the primal dtypes through the residuals (dtypes are not arrays)
+    return (_dot(xl, wl, int(transpose_w)).astype(x.dtype),
+            (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype)))
+
+
+def _bwd(dtype, transpose_w, res, g):
+    xl, wl, xt, wt = res
+    gl = g.astype(dtype)
+    g2 = gl.reshape(-1, gl.shape[-1])
+    if transpose_w:  # w [N, K]: dx = g @ w, dw = gᵀ x, computed as [N, K] (no transpose after the
+        # dot: XLA CPU 0.10 folds one into a bf16 dot's layout that neither YNN nor Eigen then runs)
+        dx = _dot(gl, wl, 0)
+        dw = _dot(_rows_t(gl), xl.reshape(-1, xl.shape[-1]), 0)
+    else:
+        dx = _dot(gl, wl, 1)  # g @ wᵀ: both contract their last axis
+        dw = _dot(_rows_t(xl), g2, 0)
+    return dx.astype(xt.dtype), dw.astype(wt.dtype)
+
+
+matmul.defvjp(_fwd, _bwd)

@@ -1,0 +1,111 @@
+"""Mixed-precision training (``compute_dtype="bfloat16"``, ``lensjax.kernels.mixed``).
+
+The kernel's three dots against NumPy float64 products of the same bfloat16-rounded operands
+(ml_dtypes rounds them; float32 accumulation is the only difference left), and the whole model's
+mixed gradient against PyTorch float64 autograd, where bfloat16 operands bound the error.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+import torch
+from tiny_hf import make
+
+import lensjax
+from lensjax.checkpoints.loader import _to_hf
+from lensjax.kernels import mixed
+from lensjax.models.lm import mean_target_loss
+from lensjax.selection.finetune import FinetuneConfig, compute_config, make_train_step
+
+from test_grad_parity import _batch
+
+
+def _bf16(a):
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 16), (21, 16), (1, 5, 16)])
+def test_kernel_equals_float64_products_of_bf16_operands(shape, transpose_w):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (12,)).astype(np.float32)
+    if transpose_w:  # w stored [N, K] (a tied table); the product and dw are those of its transpose
+        y, vjp = jax.vjp(lambda x, wt: mixed.matmul(x, wt, "bfloat16", True), jnp.asarray(x), jnp.asarray(w.T))
+        dx, dwt = vjp(jnp.asarray(g))
+        dw = dwt.T
+    else:
+        y, vjp = jax.vjp(lambda x, w: mixed.matmul(x, w, "bfloat16"), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g))
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    xb, wb, gb = _bf16(x), _bf16(w), _bf16(g)
+    ref = {"y": xb @ wb, "dx": gb @ wb.T, "dw": xb.reshape(-1, 16).T @ gb.reshape(-1, 12)}
+    got = {"y": y, "dx": dx, "dw": dw}
+    for k, r in ref.items():
+        err = float(np.abs(np.asarray(got[k], np.float64) - r).max() / np.abs(r).max())
+        assert err < 1e-6, (k, err)
+    # and they are bfloat16 products, not float32 ones: the float32 product is ~1e-3 away
+    assert float(np.abs(np.asarray(y, np.float64) - x.astype(np.float64) @ w).max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi"])
+def test_mixed_gradient_within_bf16_of_pytorch_float64(tmp_path, family):
+    """llama: untied head; gpt2: the head is the token table (tied), with biases and LayerNorms;
+    phi: parallel blocks, partial rotary, a head bias."""
+    hf = make(family, tmp_path).double()
+    m = lensjax.load(tmp_path)
+    batch = _batch(np.random.default_rng(0))
+    cfg = compute_config(m.config, "bfloat16")
+    loss, grads = jax.jit(jax.value_and_grad(lambda p, b: mean_target_loss(cfg, p, b)))(
+        m.params, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    ours = _to_hf(m.config, grads)
+    hf.zero_grad()
+    ids = torch.tensor(batch["ids"], dtype=torch.long)
+    logits = hf(input_ids=ids, attention_mask=torch.tensor(batch["attn"], dtype=torch.long)).logits
+    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    wt = torch.tensor(batch["target"][:, 1:] & batch["attn"][:, 1:], dtype=torch.float64)
+    ref_loss = -(lp * wt).sum() / wt.sum()
+    ref_loss.backward()
+    ref = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
+    assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
+    scale = max(float(np.abs(g).max()) for g in ref.values())
+    errs = {n: float(np.abs(ours[n] - g).max()) for n, g in ref.items()}
+    worst = max(errs, key=errs.get)
+    print(f"{family}: worst {worst} {errs[worst] / scale:.2e} of the largest gradient; loss {float(loss):.6f} vs {float(ref_loss):.6f}")
+    assert errs[worst] <= 2e-2 * scale, f"{family}: {worst} off by {errs[worst]:.3g} (largest gradient {scale:.3g})"
+    # bfloat16 is in use: the float32 path is within 2e-5 of this reference (test_grad_parity)
+    assert errs[worst] > 1e-4 * scale
+
+
+def test_mixed_train_step_follows_the_float32_losses(tmp_path):
+    make("llama", tmp_path)
+    m = lensjax.load(tmp_path)
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(1)).items()}
+    tx = optax.adamw(1e-2)
+    curves = {}
+    for dt in ("float32", "bfloat16"):
+        step = make_train_step(m.config, tx, compute_dtype=dt)
+        p = jax.tree.map(jnp.copy, m.params)
+        s = tx.init(p)
+        losses = []
+        for _ in range(6):
+            p, s, loss = step(p, s, batch)
+            losses.append(float(loss))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+        curves[dt] = np.array(losses)
+    assert curves["float32"][-1] < curves["float32"][0] - 0.5  # it trains
+    np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=2e-2)
+
+
+def test_compute_dtype_is_checked():
+    with pytest.raises(ValueError, match="compute_dtype"):
+        FinetuneConfig(compute_dtype="int8")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        compute_config(None, "bf16")
