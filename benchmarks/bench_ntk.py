@@ -481,7 +481,7 @@ def main():
     ]
     table = []
     fmt = lambda r: f"{r['time_s']:.4f}" if "time_s" in r else "n/a"  # noqa: E731
-    print(f"\n{"task":<36}{"baseline":<23}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
+    print(f"\n{'task':<36}{'baseline':<23}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
     for task, base_name, base, lj, goal_key in rows:
         rt, goal = ratio(base, lj), GOALS.get(goal_key)
         met = None if rt is None or goal is None else bool(rt >= goal)
