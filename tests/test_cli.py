@@ -131,6 +131,11 @@ def test_too_few_points_in_budget(tmp_path):
     assert "needs at least 2 measured points" in text and "cerebras/Cerebras-GPT-111M (1)" in text
 
 
+def test_bad_compute_dtype_stops_before_any_work(tmp_path):
+    res = run("--models", "gpt2", "--dataset", str(tmp_path / "none.jsonl"), "--compute-dtype", "int8")
+    assert res.exit_code == 2 and "compute_dtype must be float32, bfloat16 or float16" in " ".join(res.output.split())
+
+
 def test_unknown_method_and_missing_file(tmp_path):
     res = run("--method", "magic")
     assert res.exit_code == 2 and "unknown method 'magic'" in res.output
