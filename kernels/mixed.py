@@ -75,14 +75,12 @@ def _fwd(x, w, dtype, transpose_w):
 def _bwd(dtype, transpose_w, res, g):
     xl, wl, xt, wt = res
     gl = g.astype(dtype)
-    g2 = gl.reshape(-1, gl.shape[-1])
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     if transpose_w:  # w [N, K]: dx = g @ w, dw = gᵀ x, computed as [N, K] (no transpose after the
         # dot: XLA CPU 0.10 folds one into a bf16 dot's layout that neither YNN nor Eigen then runs)
-        dx = _dot(gl, wl, 0)
-        dw = _dot(_rows_t(gl), xl.reshape(-1, xl.shape[-1]), 0)
-    else:
-        dx = _dot(gl, wl, 1)  # g @ wᵀ: both contract their last axis
-        dw = _dot(_rows_t(xl), g2, 0)
+        dx, dw = _dot(gl, wl, 0), _dot(_rows_t(gl), rows(xl), 0)
+    else:  # dx = g @ wᵀ (both contract their last axis), dw = xᵀ g
+        dx, dw = _dot(gl, wl, 1), _dot(_rows_t(xl), rows(gl), 0)
     return dx.astype(xt.dtype), dw.astype(wt.dtype)
 
 

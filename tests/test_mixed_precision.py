@@ -105,8 +105,9 @@ def test_mixed_train_step_follows_the_float32_losses(tmp_path):
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=2e-2)
 
 
-def test_compute_dtype_is_checked():
+def test_compute_dtype_is_checked(tmp_path):
     with pytest.raises(ValueError, match="compute_dtype"):
         FinetuneConfig(compute_dtype="int8")
+    make("llama", tmp_path)
     with pytest.raises(ValueError, match="compute_dtype"):
-        compute_config(None, "bf16")
+        compute_config(lensjax.load(tmp_path).config, "bf16")

@@ -226,10 +226,10 @@ def _finish(cfg: ModelConfig, params, sp, x):
     hp = {} if cfg.tie_word_embeddings else params["lm_head"]
     if TAP + "w" in hp:
         logits = taps.matmul(x, head, hp[TAP + "w"], True)
-    elif cfg.matmul_dtype and cfg.tie_word_embeddings:  # the table [V, D] as it is stored
-        logits = mixed.matmul(x, params["embed"]["tokens"], cfg.matmul_dtype, True).astype(jnp.float32)
-    elif cfg.matmul_dtype:
-        logits = mixed.matmul(x, head, cfg.matmul_dtype).astype(jnp.float32)
+    elif cfg.matmul_dtype:  # a tied table goes in as stored, [V, D] (lensjax.kernels.mixed._bwd)
+        tied = cfg.tie_word_embeddings
+        w = params["embed"]["tokens"] if tied else head
+        logits = mixed.matmul(x, w, cfg.matmul_dtype, tied).astype(jnp.float32)
     else:
         logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
     if cfg.head_bias:

@@ -70,7 +70,7 @@ class FinetuneConfig:
             raise ValueError("need 0 <= warmup < 1 and 0 <= final_lr <= 1")
         if self.patience < 0 or self.eval_every < 0 or self.n_dev < 0:
             raise ValueError("patience, eval_every and n_dev must be >= 0")
-        compute_config(None, self.compute_dtype)  # validates it
+        _check_compute_dtype(self.compute_dtype)
 
     def steps(self, d: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * d / self.batch_size))
@@ -91,13 +91,15 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-def compute_config(config: ModelConfig | None, compute_dtype: str = "float32") -> ModelConfig | None:
-    """``config`` set to compute its matmuls in ``compute_dtype``: "float32" (as loaded) or
-    "bfloat16" / "float16" (mixed precision: ``ModelConfig.matmul_dtype``)."""
+def _check_compute_dtype(compute_dtype: str) -> None:
     if compute_dtype not in ("float32",) + mixed.DTYPES:
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16; got {compute_dtype!r}")
-    if config is None:
-        return None
+
+
+def compute_config(config: ModelConfig, compute_dtype: str = "float32") -> ModelConfig:
+    """``config`` set to compute its matmuls in ``compute_dtype``: "float32" (as loaded) or
+    "bfloat16" / "float16" (mixed precision: ``ModelConfig.matmul_dtype``)."""
+    _check_compute_dtype(compute_dtype)
     return dataclasses.replace(config, matmul_dtype="" if compute_dtype == "float32" else compute_dtype)
 
 
