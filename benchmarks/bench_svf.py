@@ -222,7 +222,7 @@ def make_batch():
     return ids, attn, target
 
 
-def bench_train_lensjax(model, dec, repeats: int) -> dict:
+def bench_train_lensjax(model, dec, repeats: int, compute_dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -230,10 +230,14 @@ def bench_train_lensjax(model, dec, repeats: int) -> dict:
     from lensjax.svf.trainer import SVFConfig, _update_fn, make_optimizer
 
     # lensjax's own jitted SVF update (lensjax.svf.trainer), with a constant learning rate and a
-    # clip so large it never acts, as on the torch side.
-    cfg = SVFConfig(targets="mlp", kl_coef=0.0, lr=LR, schedule="constant", clip=1e30, weight_decay=0.0)
+    # clip so large it never acts, as on the torch side; "bfloat16": its mixed-precision update,
+    # with the factors cast once as train() does
+    cfg = SVFConfig(targets="mlp", kl_coef=0.0, lr=LR, schedule="constant", clip=1e30, weight_decay=0.0,
+                    compute_dtype=compute_dtype)
     opt = make_optimizer(cfg)
     update = _update_fn(model.config, cfg)
+    if compute_dtype != "float32":
+        dec = core.cast_factors(dec, compute_dtype)
 
     def step(z, opt_state, params, dec, batch, adv):
         z, opt_state, info = update(z, opt_state, params, dec, batch, adv)
@@ -260,7 +264,9 @@ def bench_train_lensjax(model, dec, repeats: int) -> dict:
     return {"first_step_s": first, "warm_s": med, "warm_all_s": ts, "losses": losses}
 
 
-def bench_train_torch(hf, tdec, repeats: int) -> dict:
+def bench_train_torch(hf, tdec, repeats: int, autocast: bool = False) -> dict:
+    import contextlib
+
     import torch
     from torch.func import functional_call
 
@@ -282,8 +288,9 @@ def bench_train_torch(hf, tdec, repeats: int) -> dict:
 
     def run():
         opt.zero_grad(set_to_none=True)
-        new = {k: (U[k] * (S[k] * z[k])) @ Vh[k] for k in names}  # = U @ diag(S ⊙ z) @ Vh
-        logits = functional_call(hf, new, args=(), kwargs={"input_ids": tids, "attention_mask": tattn}).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            new = {k: (U[k] * (S[k] * z[k])) @ Vh[k] for k in names}  # = U @ diag(S ⊙ z) @ Vh
+            logits = functional_call(hf, new, args=(), kwargs={"input_ids": tids, "attention_mask": tattn}).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         lp = torch.gather(logp, -1, tids[:, 1:, None])[..., 0]
         loss = -(adv * (lp * w).sum(-1)).mean()
@@ -367,14 +374,26 @@ def main():
     lj = bench_train_lensjax(model, dec, args.steps)
     print("(b) SVF training step: PyTorch eager ...", flush=True)
     pt = bench_train_torch(hf, tdec, args.steps)
+    print("(b) SVF training step, mixed precision: lensjax bf16, PyTorch autocast bf16 ...", flush=True)
+    lj16 = bench_train_lensjax(model, dec, args.steps, "bfloat16")
+    pt16 = bench_train_torch(hf, tdec, args.steps, autocast=True)
     fl = train_flops(hf)
-    n = min(len(lj["losses"]), len(pt["losses"]))
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(lj["losses"][:n], pt["losses"][:n]))
+
+    def drift(side):  # max relative loss difference from PyTorch float32 at the same step
+        n = min(len(side["losses"]), len(pt["losses"]))
+        return max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(side["losses"][:n], pt["losses"][:n]))
+
+    loss_diff = drift(lj)
     train = {"lensjax": lj, "torch": pt, "flop_estimate": fl, "ratio": pt["warm_s"] / lj["warm_s"],
              "lensjax_gflops": fl["flops"] / lj["warm_s"] / 1e9, "torch_gflops": fl["flops"] / pt["warm_s"] / 1e9,
              "max_rel_loss_diff_same_step": loss_diff,
              "lensjax_gflops_tight": fl["flops_tight"] / lj["warm_s"] / 1e9,
-             "torch_gflops_tight": fl["flops_tight"] / pt["warm_s"] / 1e9}
+             "torch_gflops_tight": fl["flops_tight"] / pt["warm_s"] / 1e9,
+             # mixed precision: lensjax compute_dtype="bfloat16" against PyTorch float32 eager (the
+             # table's baseline) and against torch.autocast bf16; loss drift from PyTorch float32
+             "lensjax_bf16": lj16, "torch_autocast": pt16,
+             "ratio_bf16": pt["warm_s"] / lj16["warm_s"], "ratio_bf16_vs_autocast": pt16["warm_s"] / lj16["warm_s"],
+             "loss_drift": {"lensjax_float32": loss_diff, "lensjax_bf16": drift(lj16), "torch_autocast": drift(pt16)}}
     load_end = loadavg()
 
     goals = {"svd": 1.0, "train_step": 2.0}
@@ -383,6 +402,10 @@ def main():
          svd["torch_gflops"], svd["lensjax_gflops"]),
         (f"(b) SVF step {B}x{T} (s)", pt["warm_s"], lj["warm_s"], train["ratio"], goals["train_step"],
          train["torch_gflops"], train["lensjax_gflops"]),
+        ("(b) same, lensjax bf16 mixed", pt["warm_s"], lj16["warm_s"], train["ratio_bf16"], goals["train_step"],
+         train["torch_gflops"], fl["flops"] / lj16["warm_s"] / 1e9),
+        ("(b) vs torch.autocast bf16", pt16["warm_s"], lj16["warm_s"], train["ratio_bf16_vs_autocast"], 0.0,
+         fl["flops"] / pt16["warm_s"] / 1e9, fl["flops"] / lj16["warm_s"] / 1e9),
     ]
     print(f"\n{'task':<26}{'PyTorch':>10}{'lensjax':>10}{'ratio':>8}{'goal':>7}{'met?':>6}{'GF/s pt':>10}{'GF/s lj':>10}")
     for task, a, b, r, g, ga, gb in rows:
@@ -401,6 +424,8 @@ def main():
           f" torch {[round(x, 2) for x in svd['torch_warm_all_s']]})")
     print(f"max rel σ diff {svd['max_rel_singular_value_diff']:.1e}; losses lensjax {[round(x, 3) for x in lj['losses']]}"
           f" torch {[round(x, 3) for x in pt['losses']]} (max rel diff {loss_diff:.1e})")
+    print("loss drift from PyTorch float32 (max relative, same step): " +
+          ", ".join(f"{k} {v:.1e}" for k, v in train["loss_drift"].items()))
     print(f"load average (1 min): start {load_start:.2f}, end {load_end:.2f}; total {time.time() - t_start:.0f} s")
 
     payload = {

@@ -197,7 +197,14 @@ def rows_svf(r):
              reconstruction_rel=svd.get("lensjax_reconstruction_rel"), orthogonality=svd.get("lensjax_orthogonality")),
         _row("svf", f"SVF step {r['batch'][0]}x{r['batch'][1]}", "PyTorch eager", tr["torch"]["warm_s"],
              tr["lensjax"]["warm_s"], r["goals"]["train_step"], tr["flop_estimate"]["flops"], 2 * P * 4, FORMULAS["svf_step"]),
-    ]
+    ] + ([] if "lensjax_bf16" not in tr else [
+        _row("svf", f"SVF step {r['batch'][0]}x{r['batch'][1]}, bf16 mixed", "PyTorch eager", tr["torch"]["warm_s"],
+             tr["lensjax_bf16"]["warm_s"], r["goals"]["train_step"], tr["flop_estimate"]["flops"], 2 * P * 4,
+             FORMULAS["svf_step"], precision="bfloat16", loss_drift=tr["loss_drift"]["lensjax_bf16"]),
+        _row("svf", f"SVF step {r['batch'][0]}x{r['batch'][1]}, bf16 mixed", "PyTorch autocast bf16",
+             tr["torch_autocast"]["warm_s"], tr["lensjax_bf16"]["warm_s"], None, tr["flop_estimate"]["flops"], 2 * P * 4,
+             FORMULAS["svf_step"], precision="bfloat16", loss_drift=tr["loss_drift"]["torch_autocast"]),
+    ])
 
 
 def rows_svf_buckets(r):

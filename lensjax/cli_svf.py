@@ -87,7 +87,8 @@ def svf_train(model: str = typer.Option(..., help="Model folder or hub id."),
               temperature: Optional[float] = typer.Option(None), normalise_rewards: Optional[bool] = typer.Option(None),
               val_every: int = typer.Option(10), n_val: int = typer.Option(100, help="Validation examples (carved from train when the task has no validation split)."),
               limit: Optional[int] = typer.Option(None, help="Use at most this many training examples."),
-              seed: int = typer.Option(0), cache_dir: Optional[Path] = typer.Option(None)):
+              seed: int = typer.Option(0), cache_dir: Optional[Path] = typer.Option(None),
+              compute_dtype: str = typer.Option("float32", help="The update's matmuls: float32, or bfloat16 (mixed precision: bf16 operands, float32 accumulation, z and Adam; rollouts stay float32).")):
     """Train an SVF expert with REINFORCE (+ KL); writes out/best.safetensors and resumable state."""
     from rich.progress import Progress
 
@@ -99,7 +100,8 @@ def svf_train(model: str = typer.Option(..., help="Model folder or hub id."),
                           schedule=schedule, clip=clip, kl_coef=kl_coef, kl=kl, kl_reduce=kl_reduce, reward=reward,
                           baseline=baseline, steps=steps, batch_prompts=batch_prompts, samples_per_prompt=samples,
                           greedy_rollouts=greedy, max_new_tokens=max_new_tokens, temperature=temperature,
-                          normalise_rewards=normalise_rewards, val_every=val_every, seed=seed)
+                          normalise_rewards=normalise_rewards, val_every=val_every, seed=seed,
+                          compute_dtype=compute_dtype)
         tr, val = train_val(task, n_val, seed, limit, kind)
         if tr.kind in ("mbpp", "humaneval"):
             from lensjax.svf.sandbox import check_available

@@ -259,6 +259,22 @@ def _llama_like(c, source, family):
     )
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(compute_dtype: str) -> None:
+    """A training step's ``compute_dtype``: "float32" or a mixed-precision type."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16; got {compute_dtype!r}")
+
+
+def compute_config(config: ModelConfig, compute_dtype: str = "float32") -> ModelConfig:
+    """``config`` set to compute its matmuls in ``compute_dtype``: "float32" (as loaded) or
+    "bfloat16" / "float16" (mixed precision: :attr:`ModelConfig.matmul_dtype`)."""
+    check_compute_dtype(compute_dtype)
+    return dataclasses.replace(config, matmul_dtype="" if compute_dtype == "float32" else compute_dtype)
+
+
 _BUILDERS = {
     "gpt2": _gpt2,
     "opt": _opt,

@@ -154,3 +154,14 @@ def test_json_write_is_atomic(tmp_path):
     res = run("--method", "nope", "--json", str(out))
     assert res.exit_code == 2 and out.read_text() == "old"  # a failed run loses nothing
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_svf_train_bad_compute_dtype_stops_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from lensjax.cli import app
+
+    res = CliRunner().invoke(app, ["svf", "train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"),
+                                   "--compute-dtype", "int8"])
+    assert res.exit_code == 2 and "compute_dtype must be float32, bfloat16 or float16" in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()

@@ -111,3 +111,104 @@ def test_compute_dtype_is_checked(tmp_path):
     make("llama", tmp_path)
     with pytest.raises(ValueError, match="compute_dtype"):
         compute_config(lensjax.load(tmp_path).config, "bf16")
+
+
+# ------------------------------------------------------------------------------ SVF (Transformer²)
+def test_batched_kernel_equals_float64_products_of_bf16_operands():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    b = rng.standard_normal((3, 16, 7)).astype(np.float32)
+    g = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a, b: mixed.bmm(a, b, "bfloat16"), jnp.asarray(a), jnp.asarray(b))
+    da, db = vjp(jnp.asarray(g))
+    assert y.dtype == da.dtype == db.dtype == jnp.float32
+    ab, bb, gb = _bf16(a), _bf16(b), _bf16(g)
+    ref = {"y": ab @ bb, "da": gb @ np.swapaxes(bb, 1, 2), "db": np.swapaxes(ab, 1, 2) @ gb}
+    for k, (r, got) in {k: (r, v) for (k, r), v in zip(ref.items(), (y, da, db))}.items():
+        err = float(np.abs(np.asarray(got, np.float64) - r).max() / np.abs(r).max())
+        assert err < 1e-6, (k, err)
+    assert float(np.abs(np.asarray(y, np.float64) - a.astype(np.float64) @ b).max()) > 1e-3
+
+
+def _svf_setup(tmp_path):
+    from lensjax.svf import core
+
+    hf = make("llama", tmp_path).double()
+    m = lensjax.load(tmp_path)
+    dec = core.decompose_params(m.params, "mlp")
+    rng = np.random.default_rng(3)
+    z = {p: jnp.asarray(rng.uniform(0.7, 1.3, s.shape), jnp.float32) for p, s in dec.s.items()}
+    batch = _batch(np.random.default_rng(4))
+    return hf, m, dec, z, batch
+
+
+def test_svf_mixed_z_gradient_within_bf16_of_pytorch_float64(tmp_path):
+    """The REINFORCE loss's gradient with respect to z, W′ = W + U diag(σ ⊙ (z − 1)) Vᵀ for the
+    MLP matrices, against PyTorch float64 autograd through the HF model with those weights."""
+    from torch.func import functional_call
+
+    from lensjax.kernels import xla
+    from lensjax.models.tree import flatten
+    from lensjax.svf import core
+    from lensjax.svf.trainer import SVFConfig, policy_loss
+
+    hf, m, dec, z, batch = _svf_setup(tmp_path)
+    adv = np.linspace(1.0, -0.5, batch["ids"].shape[0]).astype(np.float32)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    cfg = SVFConfig(kl_coef=0.0)
+    grads = {}
+    for dt in ("float32", "bfloat16"):
+        mc = compute_config(m.config, dt)
+        d = dec if dt == "float32" else core.cast_factors(dec, dt)
+        f = xla.jit(jax.grad(lambda zz, d: policy_loss(mc, cfg, zz, m.params, d, jb, jnp.asarray(adv))[0]),
+                    mixed=dt != "float32")
+        grads[dt] = {p: np.asarray(g, np.float64) for p, g in f(z, d).items()}
+    # PyTorch float64: the same factors, W′ per layer, functional_call, autograd to z
+    flat = flatten(m.params)
+    zt = {p: torch.tensor(np.asarray(v, np.float64), requires_grad=True) for p, v in z.items()}
+    names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    new = {}
+    for p in dec.paths:
+        w = torch.tensor(np.asarray(flat[p], np.float64))
+        u, s, vt = (torch.tensor(np.asarray(a[p], np.float64)) for a in (dec.u, dec.s, dec.vt))
+        wp = w + torch.einsum("lir,lr,lro->lio", u, s * (zt[p] - 1.0), vt)  # [L, in, out] = weightᵀ
+        for layer in range(wp.shape[0]):
+            new[f"model.layers.{layer}.mlp.{names[p.split('/')[2]]}.weight"] = wp[layer].T
+    ids = torch.tensor(batch["ids"], dtype=torch.long)
+    logits = functional_call(hf, new, args=(), kwargs={"input_ids": ids,
+                                                       "attention_mask": torch.tensor(batch["attn"], dtype=torch.long)}).logits
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    wt = torch.tensor(batch["target"][:, 1:] & batch["attn"][:, 1:], dtype=torch.float64)
+    loss = -(torch.tensor(adv, dtype=torch.float64) * (lp * wt).sum(-1)).mean()
+    loss.backward()
+    ref = {p: zt[p].grad.numpy() for p in dec.paths}
+    scale = max(float(np.abs(g).max()) for g in ref.values())
+    err = {dt: max(float(np.abs(grads[dt][p] - ref[p]).max()) for p in dec.paths) / scale for dt in grads}
+    print(f"z gradient vs PyTorch float64, fraction of the largest: {err}")
+    assert err["float32"] <= 1e-4  # the reference is the same function
+    assert 1e-4 < err["bfloat16"] <= 2e-2
+
+
+def test_svf_mixed_update_follows_float32(tmp_path):
+    from lensjax.svf import core, trainer
+
+    _, m, dec, _, batch = _svf_setup(tmp_path)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    adv = jnp.ones(batch["ids"].shape[0], jnp.float32)
+    curves = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = trainer.SVFConfig(kl_coef=0.1, lr=5e-2, schedule="constant", compute_dtype=dt)
+        update = trainer._update_fn(m.config, cfg)
+        d = dec if dt == "float32" else core.cast_factors(dec, dt)
+        z = core.init_z(dec)
+        st = trainer.make_optimizer(cfg).init(z)
+        losses = []
+        for _ in range(6):
+            z, st, info = update(z, st, m.params, d, jb, adv)
+            losses.append(float(info["loss"]))
+        assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((z, st)) if jnp.issubdtype(v.dtype, jnp.floating))
+        curves[dt] = np.array(losses)
+    assert curves["float32"][-1] < curves["float32"][0] - 0.05 * abs(curves["float32"][0])  # it trains
+    np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=2e-2)
+    with pytest.raises(core.SVFError, match="compute_dtype"):
+        trainer.SVFConfig(compute_dtype="int8")

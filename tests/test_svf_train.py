@@ -57,6 +57,22 @@ def test_training_step_compiles_once_per_bucket(tiny, tmp_path):
     assert n_compiles == len(shapes) <= 4
 
 
+def test_mixed_precision_training_runs_and_resumes(tiny, tmp_path):
+    """compute_dtype="bfloat16" through train(): the update reads bf16 factors (cast once), z and its
+    Adam state stay float32 on disk, and a second call resumes at the saved step."""
+    task = _mixed_length_task(60, seed=3)
+    dec = core.decompose_params(tiny.params, "mlp")
+    cfg = trainer.make_config("paper", steps=2, batch_prompts=2, samples_per_prompt=2, max_new_tokens=3,
+                              val_every=100, eval_batch=8, compute_dtype="bfloat16")
+    info = trainer.train(tiny, dec, task, task.subset(range(8)), cfg, tmp_path / "run")
+    assert [h["step"] for h in info["history"]] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in info["history"])
+    z, opt_state, saved = trainer.load_state(tmp_path / "run", core.init_z(dec), trainer.make_optimizer(cfg).init(core.init_z(dec)))
+    assert saved["step"] == 2 and all(v.dtype == jnp.float32 for v in jax.tree.leaves(z))
+    more = trainer.train(tiny, dec, task, task.subset(range(8)), dataclasses.replace(cfg, steps=3), tmp_path / "run")
+    assert [h["step"] for h in more["history"]] == [1, 2, 3]
+
+
 def _bf16(model):
     cast = lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
     return dataclasses.replace(model, params=jax.tree.map(cast, model.params))

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensjax.kernels import mixed, xla
-from lensjax.config import ModelConfig
+from lensjax.kernels import xla
+from lensjax.config import ModelConfig, check_compute_dtype, compute_config  # noqa: F401 (compute_config: public here too)
 from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
 from lensjax.selection.data import Tokenized, bucket, make_batch
@@ -70,7 +70,7 @@ class FinetuneConfig:
             raise ValueError("need 0 <= warmup < 1 and 0 <= final_lr <= 1")
         if self.patience < 0 or self.eval_every < 0 or self.n_dev < 0:
             raise ValueError("patience, eval_every and n_dev must be >= 0")
-        _check_compute_dtype(self.compute_dtype)
+        check_compute_dtype(self.compute_dtype)
 
     def steps(self, d: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * d / self.batch_size))
@@ -89,18 +89,6 @@ class FinetuneConfig:
     def record(self) -> dict:
         """The protocol, for the curves' ``.meta.json``."""
         return dataclasses.asdict(self)
-
-
-def _check_compute_dtype(compute_dtype: str) -> None:
-    if compute_dtype not in ("float32",) + mixed.DTYPES:
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16; got {compute_dtype!r}")
-
-
-def compute_config(config: ModelConfig, compute_dtype: str = "float32") -> ModelConfig:
-    """``config`` set to compute its matmuls in ``compute_dtype``: "float32" (as loaded) or
-    "bfloat16" / "float16" (mixed precision: ``ModelConfig.matmul_dtype``)."""
-    _check_compute_dtype(compute_dtype)
-    return dataclasses.replace(config, matmul_dtype="" if compute_dtype == "float32" else compute_dtype)
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, compute_dtype: str = "float32"):

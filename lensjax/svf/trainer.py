@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lensjax.config import check_compute_dtype, compute_config
 from lensjax.io import atomic_write
 from lensjax.kernels import xla
 from lensjax.models.lm import logprobs_from_logits
@@ -92,6 +93,10 @@ class SVFConfig:
     val_every: int = 10
     eval_batch: int = 64
     seed: int = 0
+    # "float32", or "bfloat16"/"float16": the update's mixed precision (matmul operands and the
+    # recomposition's delta product in that type, float32 accumulation; z, its gradient, Adam
+    # state, softmax, KL and the loss in float32); rollouts and validation stay float32
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -99,6 +104,10 @@ class SVFConfig:
                 raise core.SVFError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.preset not in PRESETS:
             raise core.SVFError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        try:
+            check_compute_dtype(self.compute_dtype)
+        except ValueError as e:
+            raise core.SVFError(str(e)) from None
         if self.parameterisation not in core.PARAMETERISATIONS:
             raise core.SVFError(f"unknown parameterisation {self.parameterisation!r}; "
                                 f"choose one of {', '.join(core.PARAMETERISATIONS)}")
@@ -146,17 +155,19 @@ def low_precision(params) -> bool:
     return params["embed"]["tokens"].dtype != jnp.float32
 
 
-def policy_params(params, dec, z, cfg: SVFConfig, n_tokens: int | None = None) -> dict:
+def policy_params(params, dec, z, cfg: SVFConfig, n_tokens: int | None = None, matmul_dtype: str = "") -> dict:
     """The policy's parameters: factored in a low-precision dtype (rollouts and loss alike), else
-    chosen per leaf by ``n_tokens`` (None: dense)."""
+    chosen per leaf by ``n_tokens`` (None: dense); ``matmul_dtype``: a mixed-precision forward's
+    (``ModelConfig.matmul_dtype``), for the recomposition."""
     factored = True if low_precision(params) else None
     return core.adapted_params(params, dec, z, cfg.parameterisation, n_tokens=n_tokens, factored=factored,
-                               max_mult=cfg.max_mult)
+                               max_mult=cfg.max_mult, matmul_dtype=matmul_dtype)
 
 
 def policy_logprobs(model_cfg, cfg: SVFConfig, z, params, dec, batch):
     """(per-token log-probs [B, T−1], target weights, logits) of the batch under the policy."""
-    logits, _ = _forward(model_cfg, policy_params(params, dec, z, cfg), batch["ids"], batch["attn"], None, None)
+    pp = policy_params(params, dec, z, cfg, matmul_dtype=model_cfg.matmul_dtype)
+    logits, _ = _forward(model_cfg, pp, batch["ids"], batch["attn"], None, None)
     lp, w = logprobs_from_logits(logits, batch)
     return lp, w, logits
 
@@ -178,8 +189,10 @@ def policy_loss(model_cfg, cfg: SVFConfig, z, params, dec, batch, adv):
 @functools.lru_cache(maxsize=8)
 def _update_fn(model_cfg, cfg: SVFConfig):
     opt = make_optimizer(cfg)
+    model_cfg = compute_config(model_cfg, cfg.compute_dtype)
 
-    @xla.jit  # with the backend's compiler options (kernels/xla.py)
+    # with the backend's compiler options (kernels/xla.py), a mixed-precision program's if so
+    @functools.partial(xla.jit, mixed=bool(model_cfg.matmul_dtype))
     def update(z, opt_state, params, dec, batch, adv):
         (loss, (pg, kl)), g = jax.value_and_grad(
             lambda zz: policy_loss(model_cfg, cfg, zz, params, dec, batch, adv), has_aux=True)(z)
@@ -274,6 +287,7 @@ def _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_s
 
     update = _update_fn(model.config, cfg)
     n_roll = cfg.batch_prompts * cfg.samples_per_prompt
+    udec = dec if cfg.compute_dtype == "float32" else core.cast_factors(dec, cfg.compute_dtype)
 
     def validate(zz):
         return evaluate(model, policy_params(params, dec, zz, cfg, n_tokens=cfg.eval_batch), val,
@@ -300,7 +314,7 @@ def _train_loop(model, params, dec, task, val, cfg, out, on_step, mesh, z, opt_s
             sharded = shard_batch(dict(batch, adv=np.asarray(adv)), mesh)
             adv = sharded.pop("adv")
             batch = sharded
-        z, opt_state, stats = update(z, opt_state, params, dec, batch, adv)
+        z, opt_state, stats = update(z, opt_state, params, udec, batch, adv)
         rec = {"step": step + 1, "reward": float(r.mean()), "shape": list(roll.ids.shape),
                **{k: float(v) for k, v in stats.items()}}
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
