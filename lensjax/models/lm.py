@@ -35,12 +35,15 @@ def token_logprobs(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Arra
 
 def logprobs_from_logits(logits, batch) -> tuple[jax.Array, jax.Array]:
     """:func:`token_logprobs` from the forward pass's logits [B, T, V] (to reuse them)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    nxt = batch["ids"][:, 1:]
+    logits = logits.astype(jnp.float32)
+    # Every position is scored against the next id (the last one against a placeholder 0) and the
+    # last column of the [B, T] result is dropped: slicing the [B, T, V] logits to T − 1 instead
+    # copies them and pads their gradient back (exact NTK, 10M Llama, 64 x 64: ≈ 45 ms of 2.2 s).
+    nxt = jnp.pad(batch["ids"][:, 1:], ((0, 0), (0, 1)))
     # A one-hot product rather than a gather: the gather's gradient is a scatter, which XLA's CPU
     # backend runs far slower (train step 2.25 s -> 1.42 s on a 10M Llama, 8 x 128 tokens).
     picked = jnp.sum(logits * jax.nn.one_hot(nxt, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    lp = picked - jax.nn.logsumexp(logits, axis=-1)
+    lp = (picked - jax.nn.logsumexp(logits, axis=-1))[:, :-1]
     w = (batch["target"][:, 1:] & batch["attn"][:, 1:]).astype(jnp.float32)
     return lp, w
 

@@ -179,8 +179,8 @@ def policy_loss(model_cfg, cfg: SVFConfig, z, params, dec, batch, adv):
     kl = jnp.float32(0.0)
     if cfg.kl_coef:
         base, _ = _forward(model_cfg, params, batch["ids"], batch["attn"], None, None)
-        pa, pb = logits[:, :-1], jax.lax.stop_gradient(base)[:, :-1]
-        k = kl_tokens(pa, pb) if cfg.kl == "forward" else kl_tokens(pb, pa)
+        pa, pb = logits, jax.lax.stop_gradient(base)  # every position, then the last dropped (no [B, T−1, V] copy)
+        k = (kl_tokens(pa, pb) if cfg.kl == "forward" else kl_tokens(pb, pa))[:, :-1]
         tot = jnp.sum(k * w, -1)
         kl = jnp.mean(tot) if cfg.kl_reduce == "sum" else jnp.sum(tot) / jnp.maximum(jnp.sum(w), 1.0)
     return pg + cfg.kl_coef * kl, (pg, kl)
