@@ -118,3 +118,43 @@ def _bmm_bwd(dtype, res, g):
 
 
 bmm.defvjp(_bmm_fwd, _bmm_bwd)
+
+
+# ----------------------------------------------------------------------- SVF, z-gradient only
+def _svf_w(w, u, d, vt, dtype):
+    """W′ = W + U diag(d) Vᵀ (one layer), the delta's product on ``dtype`` operands, in ``dtype``."""
+    delta = _dot((u * d).astype(dtype), vt.astype(dtype), 0)
+    return (w.astype(jnp.float32) + delta).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def svf_matmul(x, w, u, d, vt, dtype: str = "bfloat16"):
+    """``x @ W′`` with ``W′ = W + U diag(d) Vᵀ`` (one layer: w [K, N], u [K, r], d [r], vt [r, N])
+    in mixed precision, for SVF training, where only ``d`` (σ ⊙ (g(z) − 1)) is trained.
+
+    The backward gives ``dx = g W′ᵀ`` and ``dd = Σ_rows (x U) ⊙ (g V)`` (the diagonal of
+    ``Uᵀ (xᵀ g) V`` without forming ``xᵀ g``), each product on ``dtype`` operands with float32
+    accumulation; **W, U and Vᵀ get zero cotangents** (they are frozen in SVF). Forming ``d``'s
+    gradient this way needs no weight gradient, so none of XLA CPU's transposed copies of x (see
+    the module notes) and no [K, N] gradient buffers."""
+    return _dot(x.astype(dtype), _svf_w(w, u, d, vt, dtype), 0).astype(x.dtype)
+
+
+def _svf_fwd(x, w, u, d, vt, dtype):
+    xl = checkpoint_name(x.astype(dtype), SAVE_NAME)
+    wp = checkpoint_name(_svf_w(w, u, d, vt, dtype), SAVE_NAME)
+    return _dot(xl, wp, 0).astype(x.dtype), (xl, wp, u.astype(dtype), vt.astype(dtype),
+                                              jnp.zeros((0,), x.dtype), jnp.zeros((0,), d.dtype))
+
+
+def _svf_bwd(dtype, res, g):
+    xl, wp, ul, vtl, xt, dt = res
+    gl = g.astype(dtype)
+    dx = _dot(gl, wp, 1)
+    xu = _dot(xl, ul, 0)  # [..., r]
+    gv = _dot(gl, vtl, 1)  # [..., r]
+    dd = jnp.sum((xu * gv).reshape(-1, xu.shape[-1]), axis=0)
+    return dx.astype(xt.dtype), None, None, dd.astype(dt.dtype), None
+
+
+svf_matmul.defvjp(_svf_fwd, _svf_bwd)

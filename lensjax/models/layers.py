@@ -65,11 +65,13 @@ def dense(p: dict, x, matmul_dtype: str = ""):
     lead = x.shape[:-1]
     if TAP + "w" in p:
         y = taps.matmul(x, p["w"], p[TAP + "w"])
+    elif "svf_zd" in p:  # SVF training in mixed precision: W′ formed here, only d trained (kernels.mixed)
+        y = mixed.svf_matmul(x, p["w"], p["svf_u"], p["svf_zd"], p["svf_vt"], matmul_dtype or "bfloat16")
     elif matmul_dtype:  # keeps x [B, T, K] whole: its weight gradient transposes it as 3-D
         y = mixed.matmul(x, p["w"], matmul_dtype)
     else:
         y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
-    if "svf_vt" in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
+    if "svf_vt" in p and "svf_zd" not in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
         d = p["svf_d"]
         if "svf_rows" in p:  # per-row expert sets: d [E, r], row b uses set svf_rows[b]
             d = jnp.take(d, p["svf_rows"], axis=0).reshape(x.shape[0], *(1,) * (x.ndim - 2), d.shape[-1])
