@@ -28,7 +28,11 @@ Presets (:data:`PRESETS`, ``--preset``; any field can be overridden):
 The loss uses the same parameters as the rollouts: in float32 the dense W′ (rollouts pick dense
 or factored per leaf; the two agree to rounding), in a low-precision dtype the factored apply for
 both, so that a small change of z is not lost in W′'s rounding and the scored policy is the sampled
-one. Prompt and completion lengths are bucketed, so the jitted update compiles once per bucket.
+one. ``compute_dtype="bfloat16"`` runs the update in mixed precision: bf16 matmul operands with
+float32 accumulation, each layer forming its own W′ and giving z's gradient from ``x U`` and ``g V``
+(:func:`lensjax.kernels.mixed.svf_matmul`), U and Vᵀ cast once per run; the rollouts, which pick
+the parameters as above, stay float32. Prompt and completion lengths are bucketed, so the jitted
+update compiles once per bucket.
 Every ``val_every`` steps greedy accuracy on the validation split is measured and the best z kept;
 state (z, optimiser, step, best) is written atomically after every step, so a killed run continues
 where it stopped.
