@@ -87,39 +87,6 @@ def _bwd(dtype, transpose_w, res, g):
 matmul.defvjp(_fwd, _bwd)
 
 
-def _bdot(a, b, ca: int, cb: int):
-    """Batched dot over the leading ``a.ndim - 2`` axes, contracting a's axis ``ca`` with b's
-    ``cb`` (both counted within the last two), float32 result."""
-    nb = a.ndim - 2
-    batch = tuple(range(nb))
-    return jax.lax.dot_general(a, b, (((nb + ca,), (nb + cb,)), (batch, batch)),
-                               preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bmm(a, b, dtype: str = "bfloat16"):
-    """Batched ``a @ b`` (a [..., m, k], b [..., k, n], the same leading axes) with ``dtype``
-    operands and a float32 result, in the forward and backward passes (the stacked per-layer
-    products of SVF's recomposition ``U diag(σ ⊙ g) Vᵀ``)."""
-    return _bdot(a.astype(dtype), b.astype(dtype), 1, 0)
-
-
-def _bmm_fwd(a, b, dtype):
-    al, bl = a.astype(dtype), b.astype(dtype)
-    return _bdot(al, bl, 1, 0), (al, bl, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-
-
-def _bmm_bwd(dtype, res, g):
-    al, bl, at, bt = res
-    gl = g.astype(dtype)
-    da = _bdot(gl, bl, 1, 1)  # g @ bᵀ: both contract their last axis
-    db = _bdot(jnp.swapaxes(al, -1, -2), gl, 1, 0)  # aᵀ @ g (unused, and so removed, when b is frozen)
-    return da.astype(at.dtype), db.astype(bt.dtype)
-
-
-bmm.defvjp(_bmm_fwd, _bmm_bwd)
-
-
 # ----------------------------------------------------------------------- SVF, z-gradient only
 def _svf_w(w, u, d, vt, dtype):
     """W′ = W + U diag(d) Vᵀ (one layer), the delta's product on ``dtype`` operands, in ``dtype``."""

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import mixed, xla
+from . import xla
 
 Array = jax.Array
 
@@ -131,20 +131,14 @@ def _gram(w):
     return jax.vmap(one)(w)
 
 
-def delta_matrix(u: Array, s: Array, vt: Array, g: Array, dtype: str = "") -> Array:
-    """U diag(σ ⊙ (g − 1)) Vᵀ, batched over any leading axes, float32. ``dtype`` ("bfloat16",
-    "float16"): its product reads operands of that type and accumulates in float32, in the
-    forward and backward passes (:func:`lensjax.kernels.mixed.bmm`; a mixed-precision step)."""
-    if dtype:
-        return mixed.bmm(u * (s * (g - 1.0))[..., None, :], vt, dtype)
+def delta_matrix(u: Array, s: Array, vt: Array, g: Array) -> Array:
+    """U diag(σ ⊙ (g − 1)) Vᵀ, batched over any leading axes."""
     return jnp.einsum("...ir,...r,...ro->...io", u, s * (g - 1.0), vt)
 
 
-def recompose(w: Array, u: Array, s: Array, vt: Array, g: Array, dtype: str = "") -> Array:
-    """W′ = W + U diag(σ ⊙ (g − 1)) Vᵀ in W's dtype (exactly W where g = 1); ``dtype``: the
-    delta's product in mixed precision (see :func:`delta_matrix`; W itself is added in float32,
-    so only the delta, not W, loses precision)."""
-    return (w.astype(jnp.float32) + delta_matrix(u, s, vt, g, dtype)).astype(dtype or w.dtype)
+def recompose(w: Array, u: Array, s: Array, vt: Array, g: Array) -> Array:
+    """W′ = W + U diag(σ ⊙ (g − 1)) Vᵀ in W's dtype (exactly W where g = 1)."""
+    return (w.astype(jnp.float32) + delta_matrix(u, s, vt, g)).astype(w.dtype)
 
 
 def apply_factored(x: Array, w: Array, u: Array, s: Array, vt: Array, g: Array) -> Array:

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from lensjax.kernels import xla
-from lensjax.config import ModelConfig, check_compute_dtype, compute_config  # noqa: F401 (compute_config: public here too)
+from lensjax.config import ModelConfig, check_compute_dtype, compute_config
 from lensjax.io import atomic_write
 from lensjax.selection.curves import Curves, read_curves
 from lensjax.selection.data import Tokenized, bucket, make_batch

@@ -160,16 +160,15 @@ def scales(dec: Decomposition, z: dict, parameterisation: str = "paper", max_mul
 
 def adapted_params(params: dict, dec: Decomposition, z: dict, parameterisation: str = "paper", *,
                    n_tokens: int | None = None, factored: bool | None = None, max_mult: float = 1.0,
-                   matmul_dtype: str = "", z_only: bool = False) -> dict:
+                   matmul_dtype: str = "") -> dict:
     """The parameters the forward pass should use with expert ``z``. ``factored`` True/False forces
     the factored apply (W plus the factors of the delta, computed in the activations' dtype) or the
     recomposed dense W′ (rounded to W's dtype) for every leaf; otherwise ``n_tokens`` (tokens per
     call) chooses per leaf, factored for few tokens; neither: dense. ``matmul_dtype``
-    (``ModelConfig.matmul_dtype`` of a mixed-precision step): the recomposition's delta product
-    in that type with float32 accumulation (:func:`lensjax.kernels.svd.delta_matrix`). ``z_only``
-    (with ``matmul_dtype``, for a mixed-precision SVF update): W, the factors and d = σ ⊙ (g − 1)
-    go to the layers, which form W′ themselves and give d's gradient from ``x U`` and ``g V``
-    (:func:`lensjax.kernels.mixed.svf_matmul`); W and the factors then get no gradient."""
+    (``ModelConfig.matmul_dtype`` of a mixed-precision SVF update), for the dense leaves: W, the
+    factors and d = σ ⊙ (g − 1) go to the layers, which form W′ themselves and give d's gradient
+    from ``x U`` and ``g V`` (:func:`lensjax.kernels.mixed.svf_matmul`); W and the factors then
+    get no gradient."""
     g = scales(dec, z, parameterisation, max_mult)
     flat = dict(flatten(params))
     for p in dec.paths:
@@ -177,7 +176,7 @@ def adapted_params(params: dict, dec: Decomposition, z: dict, parameterisation: 
         _, d_in, d_out = w.shape
         use = factored if factored is not None else (
             n_tokens is not None and svd_kernel.prefer_factored(n_tokens, d_in, d_out))
-        if z_only and matmul_dtype and not use:
+        if matmul_dtype and not use:
             base = p[: -len("/w")]
             flat[base + "/svf_u"], flat[base + "/svf_vt"] = dec.u[p], dec.vt[p]
             flat[base + "/svf_zd"] = dec.s[p] * (g[p] - 1.0)
@@ -187,7 +186,7 @@ def adapted_params(params: dict, dec: Decomposition, z: dict, parameterisation: 
             flat[base + "/svf_d"] = dec.s[p] * (g[p] - 1.0)
             flat[base + "/svf_vt"] = dec.vt[p]
         else:
-            flat[p] = svd_kernel.recompose(w, dec.u[p], dec.s[p], dec.vt[p], g[p], matmul_dtype)
+            flat[p] = svd_kernel.recompose(w, dec.u[p], dec.s[p], dec.vt[p], g[p])
     return nest(flat)
 
 

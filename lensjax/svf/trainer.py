@@ -98,7 +98,7 @@ class SVFConfig:
     eval_batch: int = 64
     seed: int = 0
     # "float32", or "bfloat16"/"float16": the update's mixed precision (matmul operands and the
-    # recomposition's delta product in that type, float32 accumulation; z, its gradient, Adam
+    # per-layer W′ delta product in that type, float32 accumulation; z, its gradient, Adam
     # state, softmax, KL and the loss in float32); rollouts and validation stay float32
     compute_dtype: str = "float32"
 
@@ -159,20 +159,19 @@ def low_precision(params) -> bool:
     return params["embed"]["tokens"].dtype != jnp.float32
 
 
-def policy_params(params, dec, z, cfg: SVFConfig, n_tokens: int | None = None, matmul_dtype: str = "",
-                  z_only: bool = False) -> dict:
+def policy_params(params, dec, z, cfg: SVFConfig, n_tokens: int | None = None, matmul_dtype: str = "") -> dict:
     """The policy's parameters: factored in a low-precision dtype (rollouts and loss alike), else
     chosen per leaf by ``n_tokens`` (None: dense); ``matmul_dtype``: a mixed-precision forward's
-    (``ModelConfig.matmul_dtype``), for the recomposition."""
+    (``ModelConfig.matmul_dtype``): each layer forms its own W′ (see ``core.adapted_params``)."""
     factored = True if low_precision(params) else None
     return core.adapted_params(params, dec, z, cfg.parameterisation, n_tokens=n_tokens, factored=factored,
-                               max_mult=cfg.max_mult, matmul_dtype=matmul_dtype, z_only=z_only)
+                               max_mult=cfg.max_mult, matmul_dtype=matmul_dtype)
 
 
 def policy_logprobs(model_cfg, cfg: SVFConfig, z, params, dec, batch):
     """(per-token log-probs [B, T−1], target weights, logits) of the batch under the policy."""
     # mixed precision: each layer forms W′ and gives z's gradient without a weight gradient
-    pp = policy_params(params, dec, z, cfg, matmul_dtype=model_cfg.matmul_dtype, z_only=bool(model_cfg.matmul_dtype))
+    pp = policy_params(params, dec, z, cfg, matmul_dtype=model_cfg.matmul_dtype)
     logits, _ = _forward(model_cfg, pp, batch["ids"], batch["attn"], None, None)
     lp, w = logprobs_from_logits(logits, batch)
     return lp, w, logits
