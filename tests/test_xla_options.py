@@ -35,3 +35,29 @@ def test_the_options_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, LENSJAX_XLA_OPTIONS="0"))
     assert out.stdout.strip() == "()", out.stderr[-2000:]
+
+
+def test_mixed_programs_keep_bfloat16_stacks_through_the_layer_scan():
+    """XLA CPU's float normalization converts every bf16 array entering a while loop to a float32
+    copy of the whole stack; the mixed programs turn that pass off (kernels/xla.py)."""
+    bf = jnp.bfloat16
+    ws = jax.random.normal(jax.random.key(0), (6, 64, 96), jnp.float32).astype(bf)
+    x = jax.random.normal(jax.random.key(1), (8, 64), jnp.float32).astype(bf)
+
+    def f(ws, x):
+        def body(c, w):
+            y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return c + jnp.sum(y * y), y.astype(bf)
+        return jax.lax.scan(body, jnp.float32(0), ws)
+
+    assert dict(xla.compiler_options("cpu", mixed=True)) == xla.MIXED_CPU_OPTIONS
+    plain = jax.jit(f).lower(ws, x).compile().as_text()
+    mixed = xla.jit(f, mixed=True).lower(ws, x).compile().as_text()
+    assert "f32[6,64,96]" in plain  # the backend's default: a float32 copy of the stacked weights
+    assert "f32[6,64,96]" not in mixed and "f32[6,8,96]" not in mixed
+    (c0, y0), (c1, y1) = jax.jit(f)(ws, x), xla.jit(f, mixed=True)(ws, x)
+    w64, x64 = np.asarray(ws, np.float64), np.asarray(x, np.float64)
+    ref = np.einsum("ik,lkj->lij", x64, w64)
+    assert abs(float(c1) - (ref ** 2).sum()) <= 1e-5 * (ref ** 2).sum()
+    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y0, np.float32))
+    np.testing.assert_allclose(float(c1), float(c0), rtol=1e-6)
