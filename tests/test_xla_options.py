@@ -61,3 +61,20 @@ def test_mixed_programs_keep_bfloat16_stacks_through_the_layer_scan():
     assert abs(float(c1) - (ref ** 2).sum()) <= 1e-5 * (ref ** 2).sum()
     np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y0, np.float32))
     np.testing.assert_allclose(float(c1), float(c0), rtol=1e-6)
+
+
+def test_a_mixed_program_the_options_cannot_compile_falls_back_with_a_warning():
+    """A bf16 x bf16 -> bf16 dot (bfloat16 parameters) does not compile on XLA CPU without float
+    normalization; xla.jit compiles it again with the backend's defaults and says so."""
+    import pytest
+
+    bf = jnp.bfloat16
+    a = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32).astype(bf)
+    b = jax.random.normal(jax.random.key(1), (32, 48), jnp.float32).astype(bf)
+    f = xla.jit(lambda a, b: a @ b, mixed=True)
+    with pytest.warns(RuntimeWarning, match="compiling with the backend's defaults"):
+        y = f(a, b)
+    assert y.dtype == bf
+    ref = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=2e-2 * np.abs(ref).max())
+    np.testing.assert_array_equal(np.asarray(f(a, b), np.float32), np.asarray(y, np.float32))  # no second warning needed
