@@ -440,7 +440,9 @@ def main():
         "train_flops_formula": "6*P*tokens + 3*sum(2*in*r*out) over MLP matrices; P = non-embedding matmul params incl. lm_head",
         "goals": goals,
         "matmul": mm, "svd": svd, "train_step": train,
-        "met": {"svd": svd["ratio"] >= goals["svd"], "train_step": train["ratio"] >= goals["train_step"]},
+        "met": {"svd": svd["ratio"] >= goals["svd"], "train_step": train["ratio"] >= goals["train_step"],
+                # the goal counts bf16 where the CPU has it (issue 14), with its loss drift reported
+                "train_step_bf16": train.get("ratio_bf16") is not None and train["ratio_bf16"] >= goals["train_step"]},
     }
     write_json(Path(args.out), payload)
     print(f"wrote {args.out}")

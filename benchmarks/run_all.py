@@ -2,9 +2,9 @@
 
     python benchmarks/run_all.py [--quick | --smoke] [--out DIR] [--only ntk,svf,...]
 
-Runs ``bench_fit``, ``bench_forward``, ``bench_ntk``, ``bench_svf``, ``bench_svf_buckets`` and
-``bench_cem`` as child processes, never two at once (each gets the whole machine; their own JSON
-lands in ``DIR/<name>.json``), then writes ``DIR/benchmarks.json`` and ``DIR/benchmarks.md``
+Runs ``bench_fit``, ``bench_forward``, ``bench_ntk``, ``bench_svf``, ``bench_svf_buckets``,
+``bench_cem`` and ``bench_bf16_scan`` as child processes, never two at once (each gets the whole
+machine; their own JSON lands in ``DIR/<name>.json``), then writes ``DIR/benchmarks.json`` and ``DIR/benchmarks.md``
 (atomically) and prints the table. Default ``DIR``: ``docs/benchmarks`` (the README's tables come
 from the committed copy); ``--quick`` cuts repeats and sizes (under 15 minutes on 2 cores),
 ``--smoke`` runs every script at its smallest setting (the test suite; the numbers mean nothing).
@@ -45,6 +45,7 @@ BENCHES = {
     "svf": ("bench_svf.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "svf_buckets": ("bench_svf_buckets.py", {"full": [], "quick": ["--steps", "8"], "smoke": ["--smoke"]}),
     "cem": ("bench_cem.py", {"full": [], "quick": ["--repeats", "1"], "smoke": ["--smoke"]}),
+    "bf16_scan": ("bench_bf16_scan.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
 }
 FORMULAS = {
     "fit": "no FLOP count (iterative solver); bytes: not counted",
@@ -56,6 +57,7 @@ FORMULAS = {
     "svf_step": "FLOPs as bench_svf counts them (6·P·tokens + recomposition); bytes: the weights read forward and backward, 2·P·4",
     "svf_buckets": "no FLOP count (the row compares two lensjax shape policies)",
     "cem": "FLOPs: bench_cem's per-member count × population; bytes: not counted",
+    "bf16_scan": "FLOPs 2·L·M·K·N; bytes: the bf16 weights read and the bf16 outputs written, 2·L·(K·N + M·N)",
 }
 
 
@@ -225,8 +227,20 @@ def rows_cem(r):
     return out
 
 
+def rows_bf16_scan(r):
+    s, t = r["scan"], r["train_step"]
+    sh = s["shape"]
+    note = "the same program, XLA CPU's float normalization on (LENSJAX_XLA_OPTIONS=0)"
+    return [_row("bf16_scan", f"bf16 layer scan {sh['L']}x[{sh['K']},{sh['N']}], x [{sh['M']},{sh['K']}]",
+                 "jax.jit, backend defaults", s["default_s"], s["lensjax_s"], None, s["flops"], s["bytes_min"],
+                 FORMULAS["bf16_scan"], precision="bfloat16"),
+            _row("bf16_scan", f"mixed AdamW step {t['batch'][0]}x{t['batch'][1]} ({t['model']})", "backend defaults",
+                 t["default"]["median_s"], t["lensjax"]["median_s"], None, precision="bfloat16",
+                 note=f"{note}; max |Δloss| {t['max_abs_loss_diff']:.1e}")]
+
+
 ROWS = {"fit": rows_fit, "forward": rows_forward, "ntk": rows_ntk, "svf": rows_svf, "svf_buckets": rows_svf_buckets,
-        "cem": rows_cem}
+        "cem": rows_cem, "bf16_scan": rows_bf16_scan}
 
 
 # ------------------------------------------------------------------------------ table

@@ -23,7 +23,8 @@ on a 2-core Xeon with AMX. With float32 parameters (how ``compute_dtype`` runs t
 these programs but the dots computes in float32, so there is nothing else for the pass to widen.
 Without the pass, a bfloat16 dot that YNN does not take (one with a bfloat16 result, as with
 bfloat16 parameters) reaches an emitter without bfloat16 and fails to compile; such a program is
-compiled again with the backend's defaults, with a warning.
+compiled again with the backend's defaults for those inputs (their shapes and dtypes), with a
+warning; other inputs of the same function keep the options.
 
 The backend is read at the first call, not at import, so importing lensjax never initialises
 JAX's backends (a user may still set ``jax_num_cpu_devices`` or ``XLA_FLAGS`` after the import).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import jax
@@ -59,45 +61,72 @@ def compiler_options(backend: str | None = None, mixed: bool = False) -> tuple[t
     return tuple(opts.items())
 
 
+def _signature(args, kwargs):
+    """What jax.jit compiles one program per: the tree, and each leaf's shape and dtype (static
+    arguments by value)."""
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    return tree, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+                       for x in leaves)
+
+
 class _Jit:
     """``jax.jit`` whose compiler options are picked at the first call (see module notes)."""
 
     def __init__(self, fun, kwargs, mixed=False):
         self.fun, self.kwargs, self.mixed, self._jitted, self._opts = fun, kwargs, mixed, None, {}
         self._nested = jax.jit(fun, **kwargs)  # inside another trace: options belong to the outer program
+        self._refused: set = set()  # signatures that compile without the options (see __call__)
+        self._lock = threading.Lock()
         functools.update_wrapper(self, fun)
 
     def _get(self):
-        if self._jitted is None:
-            self._opts = dict(compiler_options(mixed=self.mixed))
-            self._jitted = jax.jit(self.fun, **self.kwargs, **({"compiler_options": self._opts} if self._opts else {}))
-        return self._jitted
+        with self._lock:
+            if self._jitted is None:
+                self._opts = dict(compiler_options(mixed=self.mixed))
+                self._jitted = jax.jit(self.fun, **self.kwargs, **({"compiler_options": self._opts} if self._opts else {}))
+            return self._jitted
 
     def __call__(self, *args, **kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._nested(*args, **kwargs)
+        jitted = self._get()
+        if not self._opts:
+            return jitted(*args, **kwargs)
         try:
-            return self._get()(*args, **kwargs)
+            sig = _signature(args, kwargs)
+            hash(sig)
+        except TypeError:  # an unhashable static argument: jax.jit itself will say so
+            sig = None
+        if sig is not None and sig in self._refused:
+            return self._nested(*args, **kwargs)
+        try:
+            return jitted(*args, **kwargs)
         except jax.errors.JaxRuntimeError as e:
             # Without float normalization, XLA CPU's dot emitter refuses (at compile time, before
             # any input is donated) a bfloat16 dot that YNN does not take, e.g. one with a bf16
-            # result: such a program runs with the backend's defaults instead.
-            if not (self._opts and REFUSED in str(e)):
+            # result: that input signature runs with the backend's defaults instead; the others
+            # keep the options.
+            if not (self.mixed and REFUSED in str(e)) or sig is None:
                 raise
-            warnings.warn(f"{getattr(self.fun, '__name__', 'program')}: XLA refused the compiler options "
-                          f"{self._opts} ({REFUSED}); compiling with the backend's defaults", RuntimeWarning, stacklevel=2)
-            self._opts, self._jitted = {}, jax.jit(self.fun, **self.kwargs)
-            return self._jitted(*args, **kwargs)
+            with self._lock:
+                if sig not in self._refused:
+                    self._refused.add(sig)
+                    warnings.warn(f"{getattr(self.fun, '__name__', 'program')}: XLA refused the compiler "
+                                  f"options {self._opts} ({REFUSED}); compiling these inputs with the "
+                                  "backend's defaults", RuntimeWarning, stacklevel=2)
+            return self._nested(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
+        """AOT lowering with the options (no fallback: a refused program raises at ``compile()``)."""
         return self._get().lower(*args, **kwargs)
 
     def clear_cache(self):
         if self._jitted is not None:
             self._jitted.clear_cache()
+        self._nested.clear_cache()
 
     def _cache_size(self):
-        return self._get()._cache_size()
+        return self._get()._cache_size() + (self._nested._cache_size() if self._refused else 0)
 
 
 def jit(fun=None, *, mixed: bool = False, **kwargs):

@@ -18,7 +18,7 @@ def test_run_all_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     payload = json.loads((tmp_path / "benchmarks.json").read_text())
     md = (tmp_path / "benchmarks.md").read_text()
-    assert set(payload["benchmarks"]) == {"fit", "forward", "ntk", "svf", "svf_buckets", "cem"}
+    assert set(payload["benchmarks"]) == {"fit", "forward", "ntk", "svf", "svf_buckets", "cem", "bf16_scan"}
     assert payload["peak"]["gflop_s"] > 0 and payload["machine"]["versions"]["jax"]
     assert {r["benchmark"] for r in payload["rows"]} == set(payload["benchmarks"])
     for r in payload["rows"]:
@@ -52,3 +52,10 @@ def test_run_all_smoke(tmp_path):
 
     cem = res_of["cem"]["results"]["tiny-short"]
     assert cem["generate"]["tokens_equal_fraction"] == 1.0 and cem["loglik"]["max_abs_loglik_difference"] < 1e-4
+
+    scan = res_of["bf16_scan"]
+    if scan["train_step"]["lensjax"]["options"]:  # CPU with the mixed programs' options in force
+        assert scan["scan"]["float32_stack_in_default_program"] and not scan["scan"]["float32_stack_in_lensjax_program"]
+    # the same products rounded to bf16: one bf16 step apart at most where summation order differs
+    assert scan["scan"]["max_rel_diff_stacked_outputs"] <= 2 ** -7 and scan["scan"]["rel_diff_sum"] < 1e-5
+    assert scan["train_step"]["max_abs_loss_diff"] < 1e-4  # the option changes no arithmetic
