@@ -13,12 +13,14 @@ import pytest
 
 from lensjax.kernels import xla
 
-# the tests of the mixed programs' options need them in force (CPU, LENSJAX_XLA_OPTIONS unset)
-needs_mixed_options = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or os.environ.get("LENSJAX_XLA_OPTIONS", "1") == "0",
-    reason="the mixed-precision compiler options apply on CPU only, when not turned off")
+# the tests of the options need them in force (CPU, LENSJAX_XLA_OPTIONS unset);
+# the backend is asked when the test runs, not at collection (which would start JAX's backends)
+needs_options = pytest.mark.skipif(
+    "__import__('jax').default_backend() != 'cpu' or __import__('os').environ.get('LENSJAX_XLA_OPTIONS', '1') == '0'",
+    reason="the compiler options apply on CPU only, when not turned off")
 
 
+@needs_options
 def test_cpu_programs_compile_without_the_ynn_dot_path():
     assert dict(xla.compiler_options("cpu")) == xla.CPU_OPTIONS
     assert xla.compiler_options("gpu") == () and xla.compiler_options("tpu") == ()
@@ -45,7 +47,7 @@ def test_the_options_can_be_turned_off():
     assert out.stdout.strip() == "()", out.stderr[-2000:]
 
 
-@needs_mixed_options
+@needs_options
 def test_mixed_programs_keep_bfloat16_stacks_through_the_layer_scan():
     """XLA CPU's float normalization converts every bf16 array entering a while loop to a float32
     copy of the whole stack; the mixed programs turn that pass off (kernels/xla.py)."""
@@ -73,7 +75,7 @@ def test_mixed_programs_keep_bfloat16_stacks_through_the_layer_scan():
     np.testing.assert_allclose(float(c1), float(c0), rtol=1e-6)
 
 
-@needs_mixed_options
+@needs_options
 def test_a_mixed_program_the_options_cannot_compile_falls_back_with_a_warning():
     """A bf16 x bf16 -> bf16 dot (bfloat16 parameters) does not compile on XLA CPU without float
     normalization; xla.jit compiles those inputs again with the backend's defaults and says so
