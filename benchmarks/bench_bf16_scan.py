@@ -32,11 +32,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from run_all import matmul_peak  # noqa: E402  (the same bf16 peak as run_all's)
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -96,11 +99,7 @@ def train_child(layers: int, batch: int, seq: int, steps: int, warmup: int, mode
     from lensjax.kernels import xla
     from lensjax.selection.finetune import make_train_step
 
-    class A:
-        pass
-
-    A.layers = layers
-    model = lensjax.load(bench_ntk.make_model(Path(model_root), A), tokenizer=False)
+    model = lensjax.load(bench_ntk.make_model(Path(model_root), SimpleNamespace(layers=layers)), tokenizer=False)
     b = bench_ntk.make_batch(np.random.default_rng(0), batch, seq, 8192)
     b = {k: jnp.asarray(v) for k, v in b.items()}
     tx = optax.adamw(1e-4)
@@ -134,16 +133,6 @@ def train_case(args, model_root: str) -> dict:
     return res
 
 
-def bf16_peak(repeats: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)).astype(jnp.bfloat16)
-    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    return 2 * n ** 3 / _median_time(mm, a, a, repeats=repeats) / 1e9
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
@@ -166,7 +155,7 @@ def main(argv=None) -> int:
         shape, repeats = (12, 2048, 768, 3072), (3 if args.quick else 7)
         args.layers, args.batch, args.seq = 6, 8, 128
         args.steps, args.warmup = (4, 2) if args.quick else (10, 2)
-    peak = bf16_peak(repeats)
+    peak = matmul_peak(repeats, dtype="bfloat16")["gflop_s"]
     scan = scan_case(*shape, repeats=repeats)
     root = tempfile.mkdtemp(prefix="lensjax-bench-models-") if args.smoke else "/tmp/lensjax-bench-models"
     try:

@@ -38,8 +38,6 @@ from jax.ad_checkpoint import checkpoint_name
 # checkpoint_name of the low-precision left operand, for remat policies that keep it
 SAVE_NAME = "lensjax_mixed_lhs"
 
-DTYPES = ("bfloat16", "float16")
-
 
 def _dot(a, b, contract_b: int):
     """a [..., K] · b (K on axis ``contract_b`` of the 2-D b), float32 result."""

@@ -90,14 +90,7 @@ class _Jit:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._nested(*args, **kwargs)
         jitted = self._get()
-        if not self._opts:
-            return jitted(*args, **kwargs)
-        try:
-            sig = _signature(args, kwargs)
-            hash(sig)
-        except TypeError:  # an unhashable static argument: jax.jit itself will say so
-            sig = None
-        if sig is not None and sig in self._refused:
+        if self._refused and _signature(args, kwargs) in self._refused:
             return self._nested(*args, **kwargs)
         try:
             return jitted(*args, **kwargs)
@@ -106,8 +99,9 @@ class _Jit:
             # any input is donated) a bfloat16 dot that YNN does not take, e.g. one with a bf16
             # result: that input signature runs with the backend's defaults instead; the others
             # keep the options.
-            if not (self.mixed and REFUSED in str(e)) or sig is None:
+            if not (self.mixed and self._opts and REFUSED in str(e)):
                 raise
+            sig = _signature(args, kwargs)
             with self._lock:
                 if sig not in self._refused:
                     self._refused.add(sig)

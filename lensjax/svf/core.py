@@ -176,15 +176,10 @@ def adapted_params(params: dict, dec: Decomposition, z: dict, parameterisation: 
         _, d_in, d_out = w.shape
         use = factored if factored is not None else (
             n_tokens is not None and svd_kernel.prefer_factored(n_tokens, d_in, d_out))
-        if matmul_dtype and not use:
+        if use or matmul_dtype:  # the layer gets W and the factors: factored apply, or W′ formed there
             base = p[: -len("/w")]
             flat[base + "/svf_u"], flat[base + "/svf_vt"] = dec.u[p], dec.vt[p]
-            flat[base + "/svf_zd"] = dec.s[p] * (g[p] - 1.0)
-        elif use:
-            base = p[: -len("/w")]
-            flat[base + "/svf_u"] = dec.u[p]
-            flat[base + "/svf_d"] = dec.s[p] * (g[p] - 1.0)
-            flat[base + "/svf_vt"] = dec.vt[p]
+            flat[base + ("/svf_d" if use else "/svf_zd")] = dec.s[p] * (g[p] - 1.0)
         else:
             flat[p] = svd_kernel.recompose(w, dec.u[p], dec.s[p], dec.vt[p], g[p])
     return nest(flat)
