@@ -33,17 +33,40 @@ JAX's backends (a user may still set ``jax_num_cpu_devices`` or ``XLA_FLAGS`` af
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
+import re
 import threading
 import warnings
 
 import jax
+import jax.numpy as jnp
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 MIXED_CPU_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
 # the compile error of a dot that the options leave to an emitter without bfloat16 (see _Jit)
 REFUSED = "dot_op_emitter"
+_F32_DOTS = contextvars.ContextVar("lensjax_f32_dots", default=False)
+
+
+def f32_dots() -> bool:
+    """True while ``jit(mixed="auto")`` traces a program for bfloat16 inputs with the mixed
+    options: its layers should then write bfloat16 products as bf16 × bf16 → f32 dots rounded to
+    bfloat16 (``lensjax.models.layers.mm``), the kind YNN runs without float normalization."""
+    return _F32_DOTS.get()
+
+
+def _tracing_f32_dots(fun):
+    @functools.wraps(fun)
+    def traced(*args, **kwargs):
+        token = _F32_DOTS.set(True)
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            _F32_DOTS.reset(token)
+
+    return traced
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,6 +84,36 @@ def compiler_options(backend: str | None = None, mixed: bool = False) -> tuple[t
     return tuple(opts.items())
 
 
+def bf16_dots_outside_ynn(hlo_text: str) -> bool:
+    """Whether a compiled CPU program (``Compiled.as_text()``) has a dot with a bfloat16 operand
+    outside the computations of its YNN fusions (such a dot runs through XLA's own emitters)."""
+    types, ynn, dots, comp = {}, set(), [], None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            comp = head.group(1)
+            continue
+        inst = _INSTRUCTION.match(line)
+        if not inst:
+            continue
+        types[inst.group(1)] = inst.group(2)
+        if "__ynn_fusion" in line:
+            called = _CALLS.search(line)
+            if called:
+                ynn.add(called.group(1))
+        if inst.group(3) == "dot":
+            dots.append((comp, _OPERANDS.search(line).group(1)))
+    return any(comp not in ynn and any(types.get(o.strip().lstrip("%"), "").startswith("bf16")
+                                       for o in ops.split(","))
+               for comp, ops in dots)
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(")
+_CALLS = re.compile(r"calls=%([\w.-]+)")
+_OPERANDS = re.compile(r" dot\(([^)]*)\)")
+
+
 def _signature(args, kwargs):
     """What jax.jit compiles one program per: the tree, and each leaf's shape and dtype (static
     arguments by value)."""
@@ -73,59 +126,90 @@ class _Jit:
     """``jax.jit`` whose compiler options are picked at the first call (see module notes)."""
 
     def __init__(self, fun, kwargs, mixed=False):
-        self.fun, self.kwargs, self.mixed, self._jitted, self._opts = fun, kwargs, mixed, None, {}
+        if mixed not in (False, True, "auto"):
+            raise ValueError(f"mixed must be False, True or 'auto', not {mixed!r}")
+        self.fun, self.kwargs, self.mixed = fun, kwargs, mixed
+        self._jitted: dict = {}  # kind (True: the mixed options) -> jax.jit with its options
+        self._opts: dict = {}  # kind -> the options it was compiled with
         self._nested = jax.jit(fun, **kwargs)  # inside another trace: options belong to the outer program
-        self._refused: set = set()  # signatures that compile without the options (see __call__)
+        self._checked: dict = {}  # signature -> whether it runs with the mixed options (_accepts)
         self._lock = threading.Lock()
         functools.update_wrapper(self, fun)
 
-    def _get(self):
+    def _kind(self, leaves) -> bool:
+        """True where the program gets the mixed-precision options: always for ``mixed=True``;
+        for ``"auto"`` when an input is bfloat16."""
+        if self.mixed == "auto":
+            return any(getattr(x, "dtype", None) == jnp.bfloat16 for x in leaves)
+        return bool(self.mixed)
+
+    def _get(self, kind: bool):
         with self._lock:
-            if self._jitted is None:
-                self._opts = dict(compiler_options(mixed=self.mixed))
-                self._jitted = jax.jit(self.fun, **self.kwargs, **({"compiler_options": self._opts} if self._opts else {}))
-            return self._jitted
+            if kind not in self._jitted:
+                opts = dict(compiler_options(mixed=True)) if kind else (
+                    {} if self.mixed == "auto" else dict(compiler_options()))
+                self._opts[kind] = opts
+                # "auto" for bfloat16 inputs: traced with f32_dots() on, a function of its own (so
+                # jax caches its trace apart from the plain one that _nested falls back to)
+                fun = _tracing_f32_dots(self.fun) if kind and self.mixed == "auto" and opts else self.fun
+                self._jitted[kind] = jax.jit(fun, **self.kwargs, **({"compiler_options": opts} if opts else {}))
+            return self._jitted[kind]
 
     def __call__(self, *args, **kwargs):
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+        leaves = jax.tree.leaves((args, kwargs))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return self._nested(*args, **kwargs)
-        jitted = self._get()
-        if self._refused and _signature(args, kwargs) in self._refused:
+        kind = self._kind(leaves)
+        jitted = self._get(kind)
+        if kind and self._opts[kind] and not self._accepts(jitted, args, kwargs):
             return self._nested(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    def _accepts(self, jitted, args, kwargs) -> bool:
+        """Whether these inputs (their tree, shapes and dtypes) run with the mixed options: their
+        program compiles, and every bfloat16 dot in it went to YNN. Without float normalization,
+        XLA CPU refuses a bfloat16 dot that YNN does not take (one with a bf16 result, or one whose
+        operands XLA ordered so that the left one does not contract its last axis) either at
+        compile time (the dot emitter) or, worse, when it runs (``DotThunk``: "Unsupported element
+        type"). Such inputs run with the backend's defaults instead (their bf16 arrays widened, as
+        before the option); the check is one AOT compile per signature, which the call then reuses."""
+        sig = _signature(args, kwargs)
+        ok = self._checked.get(sig)
+        if ok is not None:
+            return ok
         try:
-            return jitted(*args, **kwargs)
+            ok = not bf16_dots_outside_ynn(jitted.lower(*args, **kwargs).compile().as_text())
         except jax.errors.JaxRuntimeError as e:
-            # Without float normalization, XLA CPU's dot emitter refuses (at compile time, before
-            # any input is donated) a bfloat16 dot that YNN does not take, e.g. one with a bf16
-            # result: that input signature runs with the backend's defaults instead; the others
-            # keep the options.
-            if not (self.mixed and self._opts and REFUSED in str(e)):
+            if REFUSED not in str(e):
                 raise
-            sig = _signature(args, kwargs)
-            with self._lock:
-                if sig not in self._refused:
-                    self._refused.add(sig)
-                    warnings.warn(f"{getattr(self.fun, '__name__', 'program')}: XLA refused the compiler "
-                                  f"options {self._opts} ({REFUSED}); compiling these inputs with the "
-                                  "backend's defaults", RuntimeWarning, stacklevel=2)
-            return self._nested(*args, **kwargs)
+            ok = False
+        with self._lock:
+            first = sig not in self._checked
+            self._checked[sig] = ok
+        if not ok and first and self.mixed is True:
+            warnings.warn(f"{getattr(self.fun, '__name__', 'program')}: a bfloat16 dot of this program does not run "
+                          f"with the compiler options {self._opts[True]}; compiling these inputs with the "
+                          "backend's defaults", RuntimeWarning, stacklevel=3)
+        return ok
 
     def lower(self, *args, **kwargs):
         """AOT lowering with the options (no fallback: a refused program raises at ``compile()``)."""
-        return self._get().lower(*args, **kwargs)
+        return self._get(self._kind(jax.tree.leaves((args, kwargs)))).lower(*args, **kwargs)
 
     def clear_cache(self):
-        if self._jitted is not None:
-            self._jitted.clear_cache()
+        for j in list(self._jitted.values()):
+            j.clear_cache()
         self._nested.clear_cache()
 
     def _cache_size(self):
-        return self._get()._cache_size() + (self._nested._cache_size() if self._refused else 0)
+        return sum(j._cache_size() for j in list(self._jitted.values())) + (
+            self._nested._cache_size() if not all(self._checked.values()) else 0)
 
 
-def jit(fun=None, *, mixed: bool = False, **kwargs):
+def jit(fun=None, *, mixed: bool | str = False, **kwargs):
     """Drop-in ``jax.jit`` (decorator or call, same keyword arguments) with the backend's options;
-    ``mixed=True`` for a mixed-precision program."""
+    ``mixed=True`` for a mixed-precision program; ``mixed="auto"`` for a program that runs in its
+    inputs' dtype (inference): the mixed options when an input is bfloat16, none otherwise."""
     if fun is None:
         return lambda f: _Jit(f, kwargs, mixed)
     return _Jit(fun, kwargs, mixed)

@@ -94,6 +94,98 @@ def test_a_mixed_program_the_options_cannot_compile_falls_back_with_a_warning():
         warnings.simplefilter("error")  # neither a second warning nor a second refusal
         np.testing.assert_array_equal(np.asarray(f(a, b), np.float32), np.asarray(y, np.float32))
         y32 = f(a32, b32)  # float32 inputs: compiled with the options, no fallback
-    assert len(f._refused) == 1 and f._opts == xla.MIXED_CPU_OPTIONS
+    assert list(f._checked.values()).count(False) == 1 and f._opts[True] == xla.MIXED_CPU_OPTIONS
     np.testing.assert_allclose(np.asarray(y32, np.float64), np.asarray(a32, np.float64) @ np.asarray(b32, np.float64),
                                rtol=1e-5, atol=1e-5)
+
+
+def _bf16_dot(a, b):
+    return jax.lax.dot_general(a, b, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+@needs_options
+def test_a_bf16_dot_outside_ynn_is_found_in_the_compiled_program():
+    """bf16 x bf16 -> f32 dots that YNN takes pass; one it leaves to XLA's own emitters (which have
+    no bfloat16: DotThunk fails when the program runs, not when it compiles) is found, so the
+    program falls back before it runs."""
+    bf = jnp.bfloat16
+    a, b = jnp.ones((64, 32), bf), jnp.ones((32, 48), bf)
+    ok = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32),
+                 compiler_options=xla.MIXED_CPU_OPTIONS).lower(a, b).compile().as_text()
+    assert "__ynn_fusion" in ok and not xla.bf16_dots_outside_ynn(ok)
+    # the dot XLA left outside YNN in a tiny T5's cross-attention (its compiled text, abridged)
+    bad = """HloModule jit_forward_encdec, is_scheduled=true
+
+%fused_computation.7 (param_0: bf16[14,32], param_1: bf16[32,32]) -> f32[14,32] {
+  %param_0 = bf16[14,32]{1,0} parameter(0)
+  %param_1 = bf16[32,32]{1,0} parameter(1)
+  ROOT %dot_general.65 = f32[14,32]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.38 (Arg_0.1: bf16[2,4,7,8], Arg_1.2: bf16[2,4,7,7], Arg_2.3: bf16[14,32], Arg_3.4: bf16[32,32]) -> f32[2,4,8,7] {
+  %Arg_0.1 = bf16[2,4,7,8]{3,2,1,0} parameter(0)
+  %Arg_1.2 = bf16[2,4,7,7]{3,2,1,0} parameter(1)
+  %Arg_2.3 = bf16[14,32]{1,0} parameter(2)
+  %Arg_3.4 = bf16[32,32]{1,0} parameter(3)
+  %ynn_fusion.7 = f32[14,32]{1,0} fusion(%Arg_2.3, %Arg_3.4), kind=kCustom, calls=%fused_computation.7, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %dot.26 = f32[2,4,8,7]{3,2,1,0} dot(%Arg_0.1, %Arg_1.2), lhs_batch_dims={0,1}, lhs_contracting_dims={2}, rhs_batch_dims={0,1}, rhs_contracting_dims={2}
+}
+"""
+    assert xla.bf16_dots_outside_ynn(bad)
+    assert not xla.bf16_dots_outside_ynn(bad.replace("bf16[2,4,7,8]{3,2,1,0} parameter", "f32[2,4,7,8]{3,2,1,0} parameter")
+                                         .replace("bf16[2,4,7,7]{3,2,1,0} parameter", "f32[2,4,7,7]{3,2,1,0} parameter"))
+    x, y = jnp.ones((2, 4, 7, 8), bf), jnp.ones((2, 4, 7, 5), bf)
+    f = xla.jit(lambda x, y: jnp.einsum("bkts,bktv->bksv", x.astype(jnp.float32), y.astype(jnp.float32)),
+                mixed="auto")
+    np.testing.assert_allclose(np.asarray(f(x, y)), np.full((2, 4, 8, 5), 7.0))
+    assert list(f._checked.values()) == [True]  # float32 dots: nothing left out
+
+
+@needs_options
+def test_bfloat16_parameters_run_without_float32_copies_of_the_weights(tmp_path):
+    """forward/generate with bfloat16 parameters (mixed="auto"): the compiled program keeps the
+    layer stacks in bfloat16 (its temporaries are a fraction of the parameters, not the float32
+    copies of them that XLA's float normalization made), and its logits match the program the
+    backend's defaults compile (LENSJAX_XLA_OPTIONS=0, the plain bf16 dots) to bf16 rounding, and
+    HF PyTorch's float32 logits as closely as that program does."""
+    import torch
+    import transformers as tf
+
+    import lensjax
+    from lensjax.models import transformer as T
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    m16 = lensjax.load(tmp_path, dtype="bfloat16", tokenizer=False)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 24)).astype(np.int32)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits.double().numpy()
+    ours = np.asarray(lensjax.forward(m16.config, m16.params, ids), np.float64)
+    assert list(T._forward_jit._checked.values()) == [True]
+    compiled = T._forward_jit.lower(m16.config, m16.params, jnp.asarray(ids), None, None, None).compile()
+    text = compiled.as_text()
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(m16.params))
+    assert "f32[4,128,512]" not in text and "f32[4,512,128]" not in text  # no float32 weight stacks
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * nbytes
+    code = ("import sys, numpy as np, lensjax; m = lensjax.load(sys.argv[1], dtype='bfloat16', tokenizer=False); "
+            "np.save(sys.argv[2], np.asarray(lensjax.forward(m.config, m.params, np.load(sys.argv[3])), np.float64))")
+    np.save(tmp_path / "ids.npy", ids)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "plain.npy"), str(tmp_path / "ids.npy")],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, LENSJAX_XLA_OPTIONS="0"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    plain = np.load(tmp_path / "plain.npy")
+    scale = np.abs(ref).max()
+    assert np.abs(ours - plain).max() <= 0.05 * scale  # bf16 rounding of the activations, either program
+    err, err_plain = np.abs(ours - ref).max(), np.abs(plain - ref).max()
+    assert err <= max(1.5 * err_plain, 0.02 * scale), (err, err_plain)
+    # greedy generation (the sampler's program, KV cache) with the same options: its first token is
+    # the argmax of the forward's logits at the prompt's end
+    from lensjax.models import sampler
+
+    g = np.asarray(sampler.generate(m16.config, m16.params, ids[:, :8], max_new_tokens=4))
+    assert all(sampler._generate._checked.values()) and sampler._generate._checked
+    first = np.asarray(lensjax.forward(m16.config, m16.params, ids[:, :8]))[:, -1].argmax(-1)
+    np.testing.assert_array_equal(g[:, 8], first)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
-from lensjax.kernels import mixed, taps
+from lensjax.kernels import mixed, taps, xla
 
 # Keys of the NTK Gram taps (lensjax.models.lm_ntk): a dict holding "ntk_w" next to "w" (and so on)
 # runs that parameter's op through lensjax.kernels.taps, whose backward yields its block of K.
@@ -56,6 +56,17 @@ def act(name: str, x):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def mm(a, b):
+    """``a @ b`` in ``a``'s dtype. Inside a program that :func:`lensjax.kernels.xla.jit` compiles
+    for bfloat16 inputs (``mixed="auto"``), a bfloat16 product is a bf16 × bf16 → f32 dot rounded
+    to bfloat16 once: the numbers XLA computes for a bf16 dot anyway (float32 inside, one rounding),
+    but a dot that XLA CPU runs on the CPU's bfloat16 units without widening the program's bfloat16
+    arrays to float32. Elsewhere the plain product."""
+    if a.dtype == jnp.bfloat16 and xla.f32_dots():
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    return a @ b
+
+
 def dense(p: dict, x, matmul_dtype: str = ""):
     """``x @ w (+ b)``, with the factored SVF delta when ``p`` holds one. ``matmul_dtype``
     (``ModelConfig.matmul_dtype``): "" in the parameters' dtype, else mixed precision
@@ -70,12 +81,12 @@ def dense(p: dict, x, matmul_dtype: str = ""):
     elif matmul_dtype:  # keeps x [B, T, K] whole: its weight gradient transposes it as 3-D
         y = mixed.matmul(x, p["w"], matmul_dtype)
     else:
-        y = (x.reshape(-1, x.shape[-1]) @ p["w"]).reshape(*lead, p["w"].shape[-1])
+        y = mm(x.reshape(-1, x.shape[-1]), p["w"]).reshape(*lead, p["w"].shape[-1])
     if "svf_vt" in p and "svf_zd" not in p:  # factored SVF delta: x @ W + ((x @ U) ⊙ σ(g − 1)) @ Vᵀ (lensjax.svf)
         d = p["svf_d"]
         if "svf_rows" in p:  # per-row expert sets: d [E, r], row b uses set svf_rows[b]
             d = jnp.take(d, p["svf_rows"], axis=0).reshape(x.shape[0], *(1,) * (x.ndim - 2), d.shape[-1])
-        y = y + (((x @ p["svf_u"].astype(x.dtype)) * d.astype(x.dtype)) @ p["svf_vt"].astype(x.dtype))
+        y = y + mm(mm(x, p["svf_u"].astype(x.dtype)) * d.astype(x.dtype), p["svf_vt"].astype(x.dtype))
     if "b" in p:
         return taps.add(y, p["b"], p[TAP + "b"]) if TAP + "b" in p else y + p["b"]
     return y
@@ -173,7 +184,12 @@ def attention(cfg: ModelConfig, q_BTNH, blocks, scale):
     out, start = 0.0, 0
     for k, v, _, _ in blocks:
         n = k.shape[2]
-        out = out + jnp.einsum("bkgts,bksh->btkgh", p[..., start:start + n].astype(v.dtype), v)
+        pv = p[..., start:start + n]
+        if v.dtype == jnp.bfloat16 and xla.f32_dots():  # float32 operands: XLA may order a bf16 dot's
+            # operands so that neither YNN nor its own emitters run it (T5's cross-attention)
+            out = out + jnp.einsum("bkgts,bksh->btkgh", pv, v.astype(jnp.float32)).astype(v.dtype)
+        else:
+            out = out + jnp.einsum("bkgts,bksh->btkgh", pv.astype(v.dtype), v)
         start += n
     return out.reshape(B, T, K * G * H)
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
+from lensjax.kernels import xla
 from lensjax.models.transformer import _forward, cross_cache, encode, init_cache
 
 PROMPT_BUCKET = 32
@@ -60,7 +61,8 @@ def stop_array(stop_sequences) -> tuple[np.ndarray, np.ndarray]:
     return arr, valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype", "start_id"))
+@functools.partial(xla.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "cache_dtype", "start_id"),
+                   mixed="auto")  # bfloat16 parameters: see lensjax.kernels.xla
 def _generate(cfg: ModelConfig, params, ids_BT, mask_BT, key, temperature, top_p, pad_id, stop_SW, stop_valid_SW,
               *, max_new_tokens: int, greedy: bool, eos_ids: tuple, cache_dtype, start_id: int = 0):
     B, T = ids_BT.shape

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 from lensjax.config import ModelConfig
 from lensjax.models.layers import (  # noqa: F401  (NEG_INF, rope_inv_freq: re-exported)
-    NEG_INF, TAP, attention, dense, mlp, moe, norm, relative_bias, rope, rope_inv_freq,
+    NEG_INF, TAP, attention, dense, mlp, mm, moe, norm, relative_bias, rope, rope_inv_freq,
 )
-from lensjax.kernels import mixed, taps
+from lensjax.kernels import mixed, taps, xla
 
 _dense = dense  # the name lensjax.svf's notes refer to
 
@@ -81,7 +81,7 @@ def _embed(cfg: ModelConfig, params, sp, ids_BT, positions_BT):
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if cfg.has_projection:
-        x = x @ params["project_in"]["w"]
+        x = mm(x, params["project_in"]["w"])
     if cfg.positions == "learned":
         pos = positions_BT + cfg.position_offset
         x = x + (taps.take(sp["positions"], pos, sp[TAP + "positions"]) if TAP + "positions" in sp
@@ -219,7 +219,7 @@ def _finish(cfg: ModelConfig, params, sp, x):
     if cfg.final_norm:
         x = norm(cfg, sp["final_norm"], x)
     if cfg.has_projection:
-        x = x @ params["project_out"]["w"]
+        x = mm(x, params["project_out"]["w"])
     if cfg.head_scale != 1.0:
         x = x * jnp.asarray(cfg.head_scale, x.dtype)
     head = params["embed"]["tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["w"]
@@ -322,12 +322,14 @@ def forward_encdec(cfg: ModelConfig, params: dict, input_ids, attention_mask, de
     return logits
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# mixed="auto": bfloat16 parameters compile without XLA CPU's bf16 float normalization, which
+# would widen every layer's weights to float32 (lensjax.kernels.xla; the dots are layers.mm)
+@functools.partial(xla.jit, static_argnums=0, mixed="auto")
 def _forward_jit(cfg, params, input_ids, attention_mask, cache, positions):
     return _forward(cfg, params, input_ids, attention_mask, cache, positions)
 
 
-_forward_encdec_jit = jax.jit(forward_encdec, static_argnums=0)
+_forward_encdec_jit = xla.jit(forward_encdec, static_argnums=0, mixed="auto")
 
 
 def forward(config: ModelConfig, params: dict, input_ids, attention_mask=None, *, decoder_input_ids=None,

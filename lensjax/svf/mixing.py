@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lensjax.kernels import svd as svd_kernel
+from lensjax.kernels import xla
 from lensjax.models.lm import sample_loglik
 from lensjax.models.tree import flatten, nest
 from lensjax.parallel import data_size, place, replicate, shard_batch, to_host
@@ -241,7 +242,7 @@ def loglik_rows(model, dec: core.Decomposition, sets, rows, batch: Mapping[str, 
     return np.concatenate(out)
 
 
-_loglik = jax.jit(sample_loglik, static_argnums=(0, 3))
+_loglik = xla.jit(sample_loglik, static_argnums=(0, 3), mixed="auto")  # bf16 parameters: lensjax.kernels.xla
 
 
 def _group_size(rows: np.ndarray) -> int | None:
@@ -291,7 +292,7 @@ def _pad_groups(a: np.ndarray, group: int, pad: int) -> np.ndarray:
     return np.concatenate([a] + [a[-group:]] * pad, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
+@functools.partial(xla.jit, static_argnums=(0, 7), mixed="auto")
 def _loglik_sets(cfg, params, u, s, vt, g, batch, reduce):
     """Rows [E·R, T] of E sets (g {path: [E, L, r]}): set e's W′ recomposed once, its R rows scored."""
     E = jax.tree.leaves(g)[0].shape[0]
