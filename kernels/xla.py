@@ -128,10 +128,9 @@ _CALLS = re.compile(r"calls=%([\w.-]+)")
 _OPERANDS = re.compile(r" dot\(([^)]*)\)")
 
 
-def _signature(args, kwargs):
-    """What jax.jit compiles one program per: the tree, and each leaf's shape and dtype (static
-    arguments by value)."""
-    leaves, tree = jax.tree.flatten((args, kwargs))
+def _signature(leaves, tree):
+    """What jax.jit compiles one program per: the tree of the arguments, and each leaf's shape and
+    dtype (static arguments by value)."""
     return tree, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") and hasattr(x, "dtype") else x
                        for x in leaves)
 
@@ -165,21 +164,24 @@ class _Jit:
                 self._opts[kind] = opts
                 # "auto" for bfloat16 inputs: traced with f32_dots() on, a function of its own (so
                 # jax caches its trace apart from the plain one that _nested falls back to)
-                fun = _tracing_f32_dots(self.fun) if kind and self.mixed == "auto" and opts else self.fun
-                self._jitted[kind] = jax.jit(fun, **self.kwargs, **({"compiler_options": opts} if opts else {}))
+                if not opts:  # nothing to set (float32 under "auto", another backend): the plain jit
+                    self._jitted[kind] = self._nested
+                else:
+                    fun = _tracing_f32_dots(self.fun) if kind and self.mixed == "auto" else self.fun
+                    self._jitted[kind] = jax.jit(fun, **self.kwargs, compiler_options=opts)
             return self._jitted[kind]
 
     def __call__(self, *args, **kwargs):
-        leaves = jax.tree.leaves((args, kwargs))
+        leaves, tree = jax.tree.flatten((args, kwargs))
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return self._nested(*args, **kwargs)
         kind = self._kind(leaves)
         jitted = self._get(kind)
-        if kind and self._opts[kind] and not self._accepts(jitted, args, kwargs):
+        if kind and self._opts[kind] and not self._accepts(jitted, _signature(leaves, tree), args, kwargs):
             return self._nested(*args, **kwargs)
         return jitted(*args, **kwargs)
 
-    def _accepts(self, jitted, args, kwargs) -> bool:
+    def _accepts(self, jitted, sig, args, kwargs) -> bool:
         """Whether these inputs (their tree, shapes and dtypes) run with the mixed options: their
         program compiles, and every bfloat16 dot in it went to YNN. Without float normalization,
         XLA CPU refuses a bfloat16 dot that YNN does not take (one with a bf16 result, or one whose
@@ -187,7 +189,6 @@ class _Jit:
         compile time (the dot emitter) or, worse, when it runs (``DotThunk``: "Unsupported element
         type"). Such inputs run with the backend's defaults instead (their bf16 arrays widened, as
         before the option); the check is one AOT compile per signature, which the call then reuses."""
-        sig = _signature(args, kwargs)
         ok = self._checked.get(sig)
         if ok is not None:
             return ok
@@ -211,13 +212,18 @@ class _Jit:
         return self._get(self._kind(jax.tree.leaves((args, kwargs)))).lower(*args, **kwargs)
 
     def clear_cache(self):
-        for j in list(self._jitted.values()):
+        for j in self._programs(nested=True):
             j.clear_cache()
-        self._nested.clear_cache()
+
+    def _programs(self, nested: bool):
+        """The distinct jax.jit objects in use (``_nested`` where asked for or in ``_jitted``)."""
+        progs = {id(j): j for j in list(self._jitted.values())}
+        if nested:
+            progs[id(self._nested)] = self._nested
+        return list(progs.values())
 
     def _cache_size(self):
-        return sum(j._cache_size() for j in list(self._jitted.values())) + (
-            self._nested._cache_size() if not all(self._checked.values()) else 0)
+        return sum(j._cache_size() for j in self._programs(nested=not all(self._checked.values())))
 
 
 def jit(fun=None, *, mixed: bool | str = False, **kwargs):
