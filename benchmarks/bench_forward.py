@@ -15,6 +15,11 @@ d_model 768, d_ff 3072, 12 heads, vocab 32128, tied head).
 * FLOPs: 2 · (matrix parameters touched per token) · tokens, plus attention; the achieved rate
   is compared with a float32 matmul peak measured in the same run (the best of 5 jax 4096³
   products);
+* forward with bfloat16 parameters (``lensjax.load(dtype="bfloat16")``, HF
+  ``from_pretrained(torch_dtype=torch.bfloat16)``): the same batch, against HF in bf16 and against
+  lensjax's plain bf16 program (``_nested``: traced without ``xla.f32_dots``, compiled with XLA's
+  bf16 float normalization, as before ``xla.jit(mixed="auto")``), with each side's max |Δlogit|
+  from HF float32 and the compiled temporaries of both lensjax programs;
 * load: wall time and peak RSS of loading the GPT-2 checkpoint (float32 safetensors, ~500 MB),
   each in a fresh subprocess, vs ``transformers`` ``from_pretrained``. "peak − base" is the
   process's peak RSS minus its RSS just before the load.
@@ -159,6 +164,8 @@ def bench_compute(path: Path, args) -> dict:
     a, b = hf_fwd().numpy(), np.asarray(lj_fwd())
     fwd_err = float(np.abs(a - b).max())
 
+    bf16 = bench_bf16_forward(path, args, ids, dec, a, hf_fwd) if args.bf16 else None
+
     def hf_gen():
         with torch.no_grad():
             return hf.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=N, min_new_tokens=N,
@@ -187,7 +194,57 @@ def bench_compute(path: Path, args) -> dict:
         "generate": {"hf_tok_s": B * N / tg_hf, "lensjax_tok_s": B * N / tg_lj, "speedup": tg_hf / tg_lj,
                      "lensjax_compile_s": compile_gen, "greedy_token_agreement": same,
                      "weight_bytes_per_step": int(4 * n_params)},
+        **({"forward_bf16": bf16} if bf16 else {}),
     }
+
+
+def bench_bf16_forward(path: Path, args, ids, dec, ref, hf_fwd32) -> dict:
+    """The forward on bfloat16 parameters: lensjax (the program ``forward`` runs), lensjax's plain
+    bf16 program and HF PyTorch in bf16; errors against HF float32's logits ``ref``."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers as tf
+
+    import lensjax
+    from lensjax.models import transformer as T
+
+    m16 = lensjax.load(path, tokenizer=False, dtype="bfloat16")
+    cfg = m16.config
+    auto = tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModelForCausalLM
+    hf16 = auto.from_pretrained(str(path), attn_implementation="sdpa", torch_dtype=torch.bfloat16).eval()
+    jids = jnp.asarray(ids, jnp.int32)
+    if cfg.is_encoder_decoder:  # the arguments lensjax.forward hands its jitted program, and its logits
+        prog, pargs = T._forward_encdec_jit, (cfg, m16.params, jids, None, jnp.asarray(dec, jnp.int32), None)
+        logits = lambda out: out  # noqa: E731
+    else:
+        prog, pargs = T._forward_jit, (cfg, m16.params, jids, None, None, None)
+        logits = lambda out: out[0]  # noqa: E731  (logits, cache)
+    tids = torch.tensor(ids)
+    kw = dict(decoder_input_ids=torch.tensor(dec)) if cfg.is_encoder_decoder else {}
+
+    def hf():
+        with torch.no_grad():
+            return hf16(input_ids=tids, **kw).logits
+
+    def lj():
+        return logits(prog(*pargs)).block_until_ready()
+
+    def plain():
+        return logits(prog._nested(*pargs)).block_until_ready()
+
+    outs = {k: np.asarray(fn(), np.float32) if k != "hf" else fn().float().numpy() for k, fn in
+            (("lensjax", lj), ("plain", plain), ("hf", hf))}  # warm-up / compile, and the logits
+    r = args.repeats
+    times = {k: _median_time(fn, r) for k, fn in (("hf", hf), ("lensjax", lj), ("plain", plain))}
+    temp = {k: int(j.lower(*pargs).compile().memory_analysis().temp_size_in_bytes)
+            for k, j in (("lensjax", prog), ("plain", prog._nested))}
+    return {"hf_s": times["hf"], "lensjax_s": times["lensjax"], "plain_s": times["plain"],
+            "speedup_vs_hf": times["hf"] / times["lensjax"], "speedup_vs_plain": times["plain"] / times["lensjax"],
+            "max_abs_logit_diff_vs_hf32": {k: float(np.abs(v - ref).max()) for k, v in outs.items()},
+            "max_abs_logit_ref": float(np.abs(ref).max()),
+            "temp_bytes": temp, "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(m16.params))),
+            "options_accepted": all(prog._checked.values()) and bool(prog._checked)}
 
 
 LOAD_SCRIPT = textwrap.dedent(
@@ -241,6 +298,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated subset of the shapes")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, 2 x 16 tokens, 4 new (a test)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bfloat16-parameter forward")
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
@@ -264,6 +322,12 @@ def main():
         print(f"{name:<12}{f'forward {B}x{T} (s)':<28}{f['hf']:>12.4f}{f['lensjax']:>12.4f}{f['speedup']:>7.2f}x"
               f"{f['lensjax_gflop_s']:>9.0f}{f['lensjax_fraction_of_peak']:>9.2f}")
         print(f"{'':<12}{f'greedy {B}x{N} new (tok/s)':<28}{g['hf_tok_s']:>12.1f}{g['lensjax_tok_s']:>12.1f}{g['speedup']:>7.2f}x")
+        if "forward_bf16" in r:
+            h = r["forward_bf16"]
+            print(f"{'':<12}{f'forward {B}x{T}, bf16 (s)':<28}{h['hf_s']:>12.4f}{h['lensjax_s']:>12.4f}{h['speedup_vs_hf']:>7.2f}x"
+                  f"   plain bf16 program {h['plain_s']:.4f} s ({h['speedup_vs_plain']:.2f}x); temporaries "
+                  f"{h['temp_bytes']['lensjax'] / 2**20:.0f} vs {h['temp_bytes']['plain'] / 2**20:.0f} MiB "
+                  f"for {h['param_bytes'] / 2**20:.0f} MiB of bf16 parameters")
         print(f"{'':<12}compile: forward {f['lensjax_compile_s']:.1f} s, generate {g['lensjax_compile_s']:.1f} s; "
               f"max |Δlogit| {f['max_abs_logit_diff']:.2e}; greedy agreement {g['greedy_token_agreement']:.3f}")
     mb = load["file_bytes"] / 2**20

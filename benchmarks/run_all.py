@@ -157,6 +157,13 @@ def rows_forward(r):
         wbytes = 4 * m["params"]
         out.append(_row("forward", f"{name} forward {B}x{T}", "HF PyTorch", f["hf"], f["lensjax"], 1.0,
                         f.get("flops"), wbytes, FORMULAS["forward"]))
+        if "forward_bf16" in m:  # bfloat16 parameters (bf16 peak): against HF bf16 and lensjax's plain program
+            h, flops = m["forward_bf16"], f.get("flops")
+            out.append(_row("forward", f"{name} forward {B}x{T}, bf16 params", "HF PyTorch bf16", h["hf_s"],
+                            h["lensjax_s"], None, flops, h["param_bytes"], FORMULAS["forward"], precision="bfloat16"))
+            out.append(_row("forward", f"{name} forward {B}x{T}, bf16 params", "lensjax plain bf16 program",
+                            h["plain_s"], h["lensjax_s"], None, flops, h["param_bytes"], FORMULAS["forward"],
+                            precision="bfloat16", temp_bytes=h["temp_bytes"]))
         new = m.get("new_tokens", r["settings"]["new_tokens"])
         toks = m["batch"][0] * new
         out.append(_row("forward", f"{name} greedy generate {m['batch'][0]}x{new} new", "HF generate",

@@ -35,9 +35,9 @@ float32 inputs get no options; bfloat16 inputs (``lensjax.load(dtype="bfloat16")
 ones, and the function is traced with :func:`f32_dots` on, so ``lensjax.models.layers.mm`` writes
 each bfloat16 product as a bf16 × bf16 → f32 dot rounded once (the numbers XLA computes for a bf16
 dot anyway). With the pass on, the layer scan of a bfloat16 Llama-150M widened every weight stack
-to float32: 449 MB of temporaries for 306 MB of parameters at 1 × 16 tokens, and a forward on
-8 × 128 tokens took 1.16 s, slower than float32; with ``"auto"``, 16 MB and 0.50 s (2-core Xeon
-with AMX). A program that fails the check (a Switch model's expert einsums) runs the plain
+to float32: a forward on 8 × 128 tokens compiled with 341 MiB of temporaries for 292 MiB of
+parameters and took 1.14 s, as long as float32; with ``"auto"``, 29 MiB and 0.49 s (2-core Xeon
+with AMX; ``docs/benchmarks/bf16_forward``). A program that fails the check (a Switch model's expert einsums) runs the plain
 bfloat16 program with the defaults, as before.
 
 The backend is read at the first call, not at import, so importing lensjax never initialises

@@ -32,6 +32,9 @@ def test_run_all_smoke(tmp_path):
     assert set(fwd["models"]) == {"gpt2-tiny", "llama-tiny", "t5-tiny"}
     for r in fwd["models"].values():
         assert r["forward_s"]["max_abs_logit_diff"] < 1e-4 and r["generate"]["greedy_token_agreement"] == 1.0
+        h = r["forward_bf16"]  # bf16 parameters: as close to HF float32 as HF's own bf16 is, give or take
+        err = h["max_abs_logit_diff_vs_hf32"]
+        assert err["lensjax"] <= max(2 * err["hf"], 0.05 * h["max_abs_logit_ref"]), h
 
     ntk = res_of["ntk"]["ntk"]
     # Both J agree; the K of each side is compared with the float64 product of the torch loop's J.
