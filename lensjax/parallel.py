@@ -94,18 +94,19 @@ def place(value, sharding: NamedSharding):
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: dict, mesh: Mesh, axis: int = 0) -> dict:
     """Place a host batch (dict of arrays [B, ...], the same global batch on every process) on
-    ``mesh`` with the batch axis on ``data``; every process supplies only its own devices' rows.
-    Raises if B is not divisible by the ``data`` axis."""
+    ``mesh`` with the batch axis (``axis``: 1 for batches stacked per step, [k, B, ...]) on
+    ``data``; every process supplies only its own devices' rows. Raises if B is not divisible by
+    the ``data`` axis."""
     n = mesh.shape.get("data", 1)
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        if v.ndim == 0 or v.shape[0] % n:
+        if v.ndim <= axis or v.shape[axis] % n:
             raise ValueError(f"batch entry {k!r} has shape {v.shape}: its batch axis must be divisible by the "
                              f"mesh's data axis ({n})")
-        out[k] = place(v, NamedSharding(mesh, PartitionSpec("data" if n > 1 else None)))
+        out[k] = place(v, NamedSharding(mesh, PartitionSpec(*([None] * axis), "data" if n > 1 else None)))
     return out
 
 

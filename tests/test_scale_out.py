@@ -44,9 +44,12 @@ MESH_SCRIPT = COMMON + textwrap.dedent(
     model = lensjax.load(sys.argv[1])
     cfg, params = model.config, model.params
     tok = data(); order = np.arange(len(tok))
-    ft = FinetuneConfig(lr=1e-3, batch_size=8, min_steps=3, epochs=0.0, warmup=0.0)
+    # 3 steps, 2 per call: one scanned pair of steps (its batches [2, 8, T] split over data) and one single step
+    ft = FinetuneConfig(lr=1e-3, batch_size=8, min_steps=3, epochs=0.0, warmup=0.0, steps_per_call=2)
     one, t1 = finetune(cfg, params, tok, order, 16, ft)
     mesh = make_mesh(data=2, fsdp=4)
+    stacked = shard_batch({"ids": np.zeros((2, 8, 4), np.int32)}, mesh, axis=1)["ids"]
+    assert tuple(stacked.sharding.spec)[:2] == (None, "data"), stacked.sharding
     sh, t2 = finetune(cfg, params, tok, order, 16, ft, mesh=mesh)
     assert t1 == t2 == 3
     err = maxdiff(one, sh)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lensjax.selection.curves import CurvesError
-from lensjax.selection.finetune import CurvesStore
+from lensjax.selection.store import CurvesStore
 from lensjax.selection.pipeline import read_ntk, write_ntk
 from lensjax.selection.selectors import SelectionError
 

@@ -33,7 +33,8 @@ from lensjax.io import atomic_write
 from lensjax.kernels import ntk as ntk_kernel
 from lensjax.selection import cost as cost_mod
 from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
-from lensjax.selection.finetune import CurvesStore, FinetuneConfig, evaluate, finetune
+from lensjax.selection.finetune import FinetuneConfig, evaluate, finetune
+from lensjax.selection.store import CurvesStore
 from lensjax.models import lm_ntk
 from lensjax.models.lm import sample_loglik, scalar_fn
 from lensjax.selection import predictors
