@@ -45,6 +45,12 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    and AdamW) against PyTorch under ``torch.autocast("cpu", torch.bfloat16)`` (bf16 matmul
    outputs too) and against PyTorch float32; each mixed run's losses are compared with PyTorch
    float32's (``max_abs_loss_diff_vs_float32``).
+   The same steps ``--steps-per-call`` k (8) at a time (``make_train_steps``: one jitted call runs
+   k steps as a ``lax.scan`` over k stacked copies of the batch; what ``finetune`` runs), in float32
+   and bf16 mixed: per-step time = call time / k, median over ⌈train_repeats / k⌉ (at least 2)
+   calls after one warm call; its losses against PyTorch float32's step by step. XLA's CPU
+   runtime maps fresh memory for each call's temporaries (≈ 240 MB here) and faults it in 4 KiB
+   at a time, once per call.
 
 Also reported: the time of J Jᵀ alone on the torch sides and of lensjax's per-sample-gradient
 stage alone (``ntk.jacobian_rows``, a separate program; ``--no-breakdown`` skips it), and the share
@@ -287,34 +293,43 @@ def rel_diff(K, ref):
 
 
 # ------------------------------------------------------------------------------ train step
-def train_lensjax(model, batch_np, args, compute_dtype: str = "float32") -> dict:
+def train_lensjax(model, batch_np, args, compute_dtype: str = "float32", steps_per_call: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
 
     try:
-        from lensjax.selection.finetune import make_train_step
+        from lensjax.selection.finetune import make_train_step, make_train_steps
     except ImportError as e:  # the module is being written; report instead of failing the run
         return {"error": f"lensjax.selection.finetune.make_train_step unavailable: {e}"}
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     tx = optax.adamw(args.lr)
-    step = make_train_step(model.config, tx, compute_dtype=compute_dtype)
+    k = steps_per_call
+    if k > 1:  # k steps per call on the same batch (as the single-step run takes it k times)
+        step = make_train_steps(model.config, tx, compute_dtype=compute_dtype)
+        batch = jax.tree.map(lambda a: jnp.stack([a] * k), batch)
+        calls = max(2, -(-args.train_repeats // k))
+        warm = 0
+    else:
+        step = make_train_step(model.config, tx, compute_dtype=compute_dtype)
+        calls, warm = args.train_repeats, args.train_warmup
     params = jax.tree.map(jnp.copy, model.params)  # the step may donate its inputs
     opt_state = tx.init(params)
     losses, ts = [], []
     t0 = time.perf_counter()
     params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch))
     first = time.perf_counter() - t0
-    losses.append(float(loss))
-    for i in range(args.train_warmup + args.train_repeats):
+    losses.extend(np.ravel(np.asarray(loss)).tolist())
+    for i in range(warm + calls):
         t0 = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch))
         dt = time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= args.train_warmup:
-            ts.append(dt)
+        losses.extend(np.ravel(np.asarray(loss)).tolist())
+        if i >= warm:
+            ts.append(dt / k)
     med = float(np.median(ts))
-    return {"time_s": med, "times_s": ts, "first_call_s": first, "compile_s": max(first - med, 0.0), "losses": losses}
+    return {"time_s": med, "times_s": ts, "first_call_s": first, "compile_s": max(first - med * k, 0.0), "losses": losses,
+            "steps_per_call": k}
 
 
 def train_torch(path, batch_np, args, autocast: bool = False) -> dict:
@@ -361,6 +376,9 @@ def main():
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--train-repeats", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--steps-per-call", type=int, default=8,
+                    help="also time lensjax's k-steps-per-call program (make_train_steps, what finetune runs); "
+                         "times are per step; 1: skip")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip timing lensjax's per-sample-gradient stage (jacobian_rows) on its own")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -375,6 +393,7 @@ def main():
     if args.smoke:
         args.layers, args.n, args.seq, args.train_batch, args.train_seq = 1, 16, 16, 2, 16
         args.repeats, args.train_repeats, args.train_warmup = 1, 1, 0
+        args.steps_per_call = min(args.steps_per_call, 2)
 
     import jax
     import torch
@@ -443,10 +462,15 @@ def main():
     del hf_eager
     train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
     res_train = {}
-    for name, fn in (("lensjax", lambda: train_lensjax(model, train_batch, args)),
-                     ("torch_eager", lambda: train_torch(path, train_batch, args)),
-                     ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16")),
-                     ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True))):
+    kc = args.steps_per_call
+    runs = [("lensjax", lambda: train_lensjax(model, train_batch, args)),
+            ("torch_eager", lambda: train_torch(path, train_batch, args)),
+            ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16")),
+            ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True))]
+    if kc > 1:
+        runs += [("lensjax_multi", lambda: train_lensjax(model, train_batch, args, steps_per_call=kc)),
+                 ("lensjax_bf16_multi", lambda: train_lensjax(model, train_batch, args, "bfloat16", kc))]
+    for name, fn in runs:
         try:
             wait_idle(args.wait_idle)
             with OtherLoad() as ol:
@@ -460,10 +484,13 @@ def main():
     if "losses" in res_train["lensjax"] and "losses" in res_train["torch_eager"]:
         a, b = np.array(res_train["lensjax"]["losses"]), np.array(res_train["torch_eager"]["losses"])
         res_train["max_abs_loss_diff"] = float(np.abs(a - b).max())
-    for name in ("lensjax_bf16", "torch_autocast"):  # mixed precision's numerics: its losses against float32
-        if "losses" in res_train[name] and "losses" in res_train["torch_eager"]:
+    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+        # mixed precision's numerics (and the k-step program's): its losses against float32's, step by step
+        if "losses" in res_train.get(name, {}) and "losses" in res_train["torch_eager"]:
             a, b = np.array(res_train[name]["losses"]), np.array(res_train["torch_eager"]["losses"])
-            res_train[name]["max_abs_loss_diff_vs_float32"] = float(np.abs(a - b).max())
+            m = min(len(a), len(b))
+            res_train[name]["max_abs_loss_diff_vs_float32"] = float(np.abs(a[:m] - b[:m]).max())
+            res_train[name]["loss_steps_compared"] = m
     train_flops = 3 * 2 * P * args.train_batch * args.train_seq
 
     # ------------------------------------------------------------------------------ table
@@ -478,16 +505,21 @@ def main():
          res_train["lensjax_bf16"], "train_vs_eager"),
         (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed", "PyTorch autocast bf16", res_train["torch_autocast"],
          res_train["lensjax_bf16"], None),
-    ]
+    ] + ([] if kc <= 1 else [
+        (f"AdamW step {args.train_batch}x{args.train_seq}, {kc} steps per call", "PyTorch eager", res_train["torch_eager"],
+         res_train["lensjax_multi"], "train_vs_eager"),
+        (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed, {kc} steps per call", "PyTorch eager",
+         res_train["torch_eager"], res_train["lensjax_bf16_multi"], "train_vs_eager"),
+    ])
     table = []
     fmt = lambda r: f"{r['time_s']:.4f}" if "time_s" in r else "n/a"  # noqa: E731
-    print(f"\n{'task':<36}{'baseline':<23}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
+    print(f"\n{'task':<48}{'baseline':<23}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
     for task, base_name, base, lj, goal_key in rows:
         rt, goal = ratio(base, lj), GOALS.get(goal_key)
         met = None if rt is None or goal is None else bool(rt >= goal)
         rs = f"{rt:.2f}x" if rt is not None else "n/a"
         gs = f"{goal:>6.1f}x" if goal is not None else f"{'-':>7}"
-        print(f"{task:<36}{base_name:<23}{fmt(base):>10}{fmt(lj):>13}{rs:>8}{gs}  "
+        print(f"{task:<48}{base_name:<23}{fmt(base):>10}{fmt(lj):>13}{rs:>8}{gs}  "
               + ("-" if met is None else ("yes" if met else "NO")))
         table.append({"task": task, "baseline": base_name, "baseline_s": base.get("time_s"), "lensjax_s": lj.get("time_s"),
                       "ratio": rt, "goal": goal, "met": met, "precision": "bfloat16" if "bf16" in task else "float32"})
@@ -527,12 +559,12 @@ def main():
     if "time_s" in tl:
         tl["gflops_per_s"] = train_flops / tl["time_s"] / 1e9
         print(f"  lensjax step: {tl['gflops_per_s']:.1f} GFLOP/s; compile {tl['compile_s']:.1f} s (first call {tl['first_call_s']:.1f} s)")
-    for name in ("torch_eager", "lensjax_bf16", "torch_autocast"):
-        if "time_s" in res_train[name]:
+    for name in ("torch_eager", "lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+        if "time_s" in res_train.get(name, {}):
             res_train[name]["gflops_per_s"] = train_flops / res_train[name]["time_s"] / 1e9
-    for name in ("lensjax_bf16", "torch_autocast"):
-        if "max_abs_loss_diff_vs_float32" in res_train[name]:
-            print(f"  {name}: max |Δloss| against PyTorch float32 over {len(res_train[name]['losses'])} steps = "
+    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+        if "max_abs_loss_diff_vs_float32" in res_train.get(name, {}):
+            print(f"  {name}: max |Δloss| against PyTorch float32 over {res_train[name]['loss_steps_compared']} steps = "
                   f"{res_train[name]['max_abs_loss_diff_vs_float32']:.2e}")
     if "max_abs_loss_diff" in res_train:
         print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
@@ -548,6 +580,7 @@ def main():
                   "model_dir": str(path), "ntk_n": n, "ntk_T": T, "ntk_target_tokens": T - T // 2, "chunk": args.chunk,
                   "repeats": args.repeats, "train_batch": args.train_batch, "train_seq": args.train_seq,
                   "train_warmup": args.train_warmup, "train_repeats": args.train_repeats, "lr": args.lr,
+                  "steps_per_call": args.steps_per_call,
                   "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
                   "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "loadavg_at_end": list(os.getloadavg()),

@@ -41,6 +41,9 @@ def test_run_all_smoke(tmp_path):
     assert ntk["lensjax"]["max_rel_diff_vs_float64"] < 1e-4 and ntk["torch_func"]["max_rel_diff_vs_loop"] < 1e-5
     assert ntk["lensjax"]["max_rel_diff_vs_loop"] < 1e-3
     assert res_of["ntk"]["train_step"]["max_abs_loss_diff"] < 1e-4
+    multi = res_of["ntk"]["train_step"]["lensjax_multi"]  # k steps per call: the same steps as PyTorch's
+    assert multi["steps_per_call"] == 2 and multi["loss_steps_compared"] >= 2
+    assert multi["max_abs_loss_diff_vs_float32"] < 1e-4
 
     svf = res_of["svf"]
     assert svf["svd"]["lensjax_reconstruction_rel"] < 1e-5 and svf["svd"]["lensjax_orthogonality"] < 1e-5
