@@ -173,6 +173,7 @@ def select_cmd(
     eval_every: int = typer.Option(0, help="Steps between development evaluations (0: t(D)/10)."),
     n_dev: int = typer.Option(200, help="Development examples for early stopping, held out of the training pool."),
     compute_dtype: str = typer.Option("float32", help="Fine-tuning matmuls: float32, or bfloat16 (mixed precision: bf16 operands, float32 accumulation, weights and AdamW)."),
+    steps_per_call: int = typer.Option(8, help="Fine-tuning AdamW steps per jitted call (the same numbers; fewer per-call buffer faults on CPU)."),
     n_eval: Optional[int] = typer.Option(None, help="Held-out examples (default: the dataset's validation split capped at 1,000, else 10% up to 500), drawn with a fixed seed."),
     shard: Optional[str] = typer.Option(None, help="i/n: measure only candidates i, i+n, ... of --models (one job of n; no ranking). Combine the parts with `lensjax merge`, then run select on the merged files."),
 ) -> None:
@@ -183,7 +184,7 @@ def select_cmd(
         try:
             ft = FinetuneConfig(lr=lr, batch_size=batch_size, epochs=epochs, min_steps=min_steps, max_len=max_len,
                                 schedule=schedule, warmup=warmup, patience=patience, eval_every=eval_every,
-                                n_dev=n_dev, compute_dtype=compute_dtype)
+                                n_dev=n_dev, compute_dtype=compute_dtype, steps_per_call=steps_per_call)
         except ValueError as exc:
             console.print(f"[bold red]error:[/bold red] {exc}")
             raise typer.Exit(2)

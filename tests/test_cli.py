@@ -134,6 +134,8 @@ def test_too_few_points_in_budget(tmp_path):
 def test_bad_compute_dtype_stops_before_any_work(tmp_path):
     res = run("--models", "gpt2", "--dataset", str(tmp_path / "none.jsonl"), "--compute-dtype", "int8")
     assert res.exit_code == 2 and "compute_dtype must be float32, bfloat16 or float16" in " ".join(res.output.split())
+    res = run("--models", "gpt2", "--dataset", str(tmp_path / "none.jsonl"), "--steps-per-call", "0")
+    assert res.exit_code == 2 and "steps_per_call must be >= 1" in " ".join(res.output.split())
 
 
 def test_unknown_method_and_missing_file(tmp_path):
