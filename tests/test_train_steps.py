@@ -44,7 +44,7 @@ def _torch_losses(hf, batches):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        out.append(float(loss))
+        out.append(float(loss.detach()))
     return np.array(out)
 
 
