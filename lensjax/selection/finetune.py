@@ -261,7 +261,7 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
     perm, pos = rng.permutation(pool), 0
 
     def draw():
-        """The next batch's example indices: epochs over ``pool`` in fresh random orders."""
+        """The next batch, its examples drawn in epochs over ``pool`` (a fresh random order each)."""
         nonlocal perm, pos
         if pos + ft.batch_size > len(perm):
             take = perm[pos:]
