@@ -46,9 +46,11 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    outputs too) and against PyTorch float32; each mixed run's losses are compared with PyTorch
    float32's (``max_abs_loss_diff_vs_float32``).
    The same steps ``--steps-per-call`` k (8) at a time (``make_train_steps``: one jitted call runs
-   k steps as a ``lax.scan`` over k stacked copies of the batch; what ``finetune`` runs), in float32
-   and bf16 mixed: per-step time = call time / k, median over ⌈train_repeats / k⌉ (at least 2)
-   calls after one warm call; its losses against PyTorch float32's step by step. XLA's CPU
+   k steps as a ``lax.scan`` over k stacked copies of the batch; ``finetune`` runs its twin with a
+   per-step learning rate), in float32 and bf16 mixed: per-step time = call time / k, median over
+   ⌈train_repeats / k⌉ (at least 3) calls after the compiling call and ⌈train_warmup / k⌉ warm
+   ones (before 2026-12-06 11:40 UTC: 2 calls, no warm one); its losses against PyTorch float32's
+   step by step. XLA's CPU
    runtime maps fresh memory for each call's temporaries (≈ 240 MB here) and faults it in 4 KiB
    at a time, once per call.
 
@@ -308,8 +310,8 @@ def train_lensjax(model, batch_np, args, compute_dtype: str = "float32", steps_p
     if k > 1:  # k steps per call on the same batch (as the single-step run takes it k times)
         step = make_train_steps(model.config, tx, compute_dtype=compute_dtype)
         batch = jax.tree.map(lambda a: jnp.stack([a] * k), batch)
-        calls = max(2, -(-args.train_repeats // k))
-        warm = 0
+        calls = max(3, -(-args.train_repeats // k))
+        warm = -(-args.train_warmup // k)
     else:
         step = make_train_step(model.config, tx, compute_dtype=compute_dtype)
         calls, warm = args.train_repeats, args.train_warmup
@@ -377,7 +379,7 @@ def main():
     ap.add_argument("--train-repeats", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--steps-per-call", type=int, default=8,
-                    help="also time lensjax's k-steps-per-call program (make_train_steps, what finetune runs); "
+                    help="also time lensjax's k-steps-per-call program (make_train_steps; finetune runs its scheduled twin); "
                          "times are per step; 1: skip")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip timing lensjax's per-sample-gradient stage (jacobian_rows) on its own")
@@ -479,7 +481,7 @@ def main():
         except Exception as e:
             res_train[name] = {"error": f"{type(e).__name__}: {e}"}
         r = res_train[name]
-        print(f"  train {name:<11} " + (f"{r['time_s']:8.4f} s (min {min(r['times_s']):.4f}; other processes' CPU load "
+        print(f"  train {name:<18} " + (f"{r['time_s']:8.4f} s (min {min(r['times_s']):.4f}; other processes' CPU load "
                                         f"{100 * r['other_cpu_load']:.0f}%)" if "time_s" in r else f"FAILED/SKIPPED: {r['error']}"))
     if "losses" in res_train["lensjax"] and "losses" in res_train["torch_eager"]:
         a, b = np.array(res_train["lensjax"]["losses"]), np.array(res_train["torch_eager"]["losses"])

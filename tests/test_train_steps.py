@@ -83,37 +83,49 @@ def test_k_steps_per_call_follow_pytorch_adamw_and_equal_single_steps(tmp_path, 
         assert np.abs(np.asarray(off) - ref).max() > 1e-5 * np.abs(ref).max()
 
 
-def _data(n=48, seed=0):
+def _data(n=48, seed=0, lo=3, hi=128):
     rng = np.random.default_rng(seed)
-    ids = tuple(tuple(int(x) for x in rng.integers(3, 128, size=int(k))) for k in rng.integers(6, 20, size=n))
+    ids = tuple(tuple(int(x) for x in rng.integers(lo, hi, size=int(k))) for k in rng.integers(6, 20, size=n))
     return Tokenized(ids=ids, n_prompt=tuple(3 for _ in ids))
+
+
+def _same(a, b, k):
+    (pa, ta, ha, sa), (pb, tb, hb, sb) = a, b
+    assert tb == ta and [i for i, _ in hb] == [i for i, _ in ha] and [i for i, _ in sb] == [i for i, _ in sa], k
+    np.testing.assert_allclose([x for _, x in hb], [x for _, x in ha], rtol=1e-5)
+    np.testing.assert_allclose([x for _, x in sb], [x for _, x in sa], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
 def test_finetune_is_the_same_at_any_steps_per_call(tmp_path):
     make("llama", tmp_path)
     m = lensjax.load(tmp_path)
-    tok, dev = _data(48), _data(12, seed=1)
+    # development tokens the training set never has: fitting the training tokens soon raises
+    # their loss, so early stopping ends the run
+    tok, dev = _data(48, hi=64), _data(12, seed=1, lo=64)
     order = np.arange(len(tok))
-    # 23 steps, evaluations every 5 (a run of 4 per call fits 1 time in each 5), early stopping on
-    base = FinetuneConfig(lr=3e-2, batch_size=4, min_steps=23, epochs=0.0, warmup=0.2, patience=2, eval_every=5)
-    runs = {}
-    for k in (1, 4, 8):
+
+    def run(ft, **kw):
         seen, hist = [], []
-        ft = dataclasses.replace(base, steps_per_call=k)
-        p, t = finetune(m.config, m.params, tok, order, 40, ft, dev=dev, history=hist,
-                        on_step=lambda i, loss: seen.append((i, float(loss))))
-        runs[k] = (p, t, hist, seen)
-    p1, t1, h1, s1 = runs[1]
-    assert [i for i, _ in s1] == list(range(len(s1))) and len(s1) >= t1
-    assert h1 and h1[0][0] == 5
-    for k in (4, 8):
-        pk, tk, hk, sk = runs[k]
-        assert tk == t1 and [i for i, _ in hk] == [i for i, _ in h1] and [i for i, _ in sk] == [i for i, _ in s1], k
-        np.testing.assert_allclose([x for _, x in hk], [x for _, x in h1], rtol=1e-5)
-        np.testing.assert_allclose([x for _, x in sk], [x for _, x in s1], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(pk)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        p, t = finetune(m.config, m.params, tok, order, 40, ft, history=hist,
+                        on_step=lambda i, loss: seen.append((i, float(loss))), **kw)
+        return p, t, hist, seen
+
+    # 23 steps without early stopping: 4 per call runs 5 calls of 4 and 3 single steps
+    plain = FinetuneConfig(lr=1e-2, batch_size=4, min_steps=23, epochs=0.0, warmup=0.2)
+    one = run(dataclasses.replace(plain, steps_per_call=1))
+    assert one[1] == 23 and [i for i, _ in one[3]] == list(range(23))
+    _same(one, run(dataclasses.replace(plain, steps_per_call=4)), 4)
+
+    # early stopping, evaluations every 5 steps (2 and 4 per call fit between them)
+    early = dataclasses.replace(plain, patience=1, eval_every=5)
+    one = run(dataclasses.replace(early, steps_per_call=1), dev=dev)
+    p1, t1, h1, s1 = one
+    assert h1[0][0] == 5 and len(s1) < 23 and t1 < len(s1), (t1, h1, len(s1))  # it stopped early, kept earlier weights
+    for k in (2, 4):
+        _same(one, run(dataclasses.replace(early, steps_per_call=k), dev=dev), k)
     # the record (the curves' protocol) does not carry how the steps were dispatched
-    assert "steps_per_call" not in base.record() and base.record()["eval_every"] == 5
+    assert "steps_per_call" not in early.record() and early.record()["eval_every"] == 5
     with pytest.raises(ValueError, match="steps_per_call"):
         FinetuneConfig(steps_per_call=0)

@@ -60,9 +60,11 @@ class FinetuneConfig:
     # float32 weights, AdamW state and loss; lensjax.kernels.mixed)
     compute_dtype: str = "float32"
     # AdamW steps per jitted call (lax.scan over stacked batches; the numbers of one step per call
-    # to float32 rounding). Not part of the protocol: record() leaves it out. Measured on a 2-core Xeon, 10M
-    # Llama, 8 x 128 tokens: 8 per call took a step from 0.245 to 0.203 s in bf16 mixed precision
-    # and from 0.485 to 0.443 s in float32 (make_train_steps: XLA's per-call buffers)
+    # to float32 rounding). Not part of the protocol: record() leaves it out. Measured on a 2-core
+    # Xeon, 10M Llama, 8 x 128 tokens: 8 per call took a step from 0.245 to 0.203 s in bf16 mixed
+    # precision and from 0.485 to 0.443 s in float32 (make_train_steps: XLA's per-call buffers).
+    # The scanned program is a second compile (≈ 2.5 s there, once per model and length bucket,
+    # shared by every size of the ladder), so it pays off after ≈ 60-80 steps; 1 turns it off.
     steps_per_call: int = 8
 
     def __post_init__(self):
@@ -287,16 +289,14 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
         with _mesh_context(mesh):
             if k == 1:
                 b = bs[0] if mesh is None else shard_batch(bs[0], mesh)
-                p, state, loss = step(p, state, b, lrs[0])
-                losses = [loss]
+                p, state, losses = step(p, state, b, lrs[0])
             else:
                 b = {key: np.stack([x[key] for x in bs]) for key in bs[0]}
                 if mesh is not None:
                     b = shard_batch(b, mesh, axis=1)
-                p, state, ls = steps(p, state, b, lrs)
-                losses = [ls[j] for j in range(k)]
-        if on_step is not None:
-            for j, loss in enumerate(losses):
+                p, state, losses = steps(p, state, b, lrs)
+        if on_step is not None:  # after the call: k at a time
+            for j, loss in enumerate(np.atleast_1d(np.asarray(losses))):
                 on_step(i + j, loss)
         i += k
         if early and (i % every == 0 or i == t):
