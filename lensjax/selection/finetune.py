@@ -8,16 +8,17 @@ target-token loss on the held-out split. Steps rule (documented, configurable):
 
 i.e. ``epochs`` passes over the D examples in batches of ``batch_size``. The learning rate warms
 up linearly over ``warmup`` × t steps and then decays to ``final_lr`` × η (``schedule`` cosine,
-linear or constant); it is fed to the jitted step as an argument (``optax.inject_hyperparams``), so
-sizes of different t share one compiled step. With ``patience > 0`` and a development split, the
+linear or constant); it is fed to the jitted steps as an argument (``optax.inject_hyperparams``),
+so sizes of different t share the compiled programs. With ``patience > 0`` and a development split, the
 run evaluates it every ``eval_every`` steps (0: t/10), stops after ``patience`` evaluations without
 improvement and returns the best weights; their step is the t that is recorded. Batches are right padded
-to a length bucket (multiples of 16), so the jitted train step compiles once per bucket, not per
-size. The steps run ``steps_per_call`` (8) at a time in one jitted call (a ``lax.scan`` over
+to a length bucket (multiples of 16), so the jitted train programs compile once per bucket, not
+per size. The steps run ``steps_per_call`` (8) at a time in one jitted call (a ``lax.scan`` over
 stacked batches, :func:`make_train_steps`) wherever that many fit before the next evaluation,
 one at a time otherwise: XLA's CPU runtime maps and faults in fresh memory for each call's
-temporaries, which a call of 8 steps pays once. Results go to a :class:`~lensjax.selection.store.CurvesStore`, rewritten atomically after every (candidate, size), so a
-killed run resumes where it stopped and loses nothing.
+temporaries, which a call of 8 steps pays once. Results go to a
+:class:`~lensjax.selection.store.CurvesStore`, rewritten atomically after every (candidate,
+size), so a killed run resumes where it stopped and loses nothing.
 """
 
 from __future__ import annotations
