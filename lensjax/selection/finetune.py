@@ -113,20 +113,11 @@ def make_train_steps(config: ModelConfig, optimizer: optax.GradientTransformatio
     """Jitted ``(params, opt_state, batches) -> (params, opt_state, losses)``: k steps of
     :func:`make_train_step` in one call (``lax.scan``), one per entry of ``batches`` (the batch
     dict with a leading axis of k; ``losses`` [k]). The results are those of k single steps to
-    float32 rounding (XLA may fuse the scanned step differently); one program per k. What it saves is per call: XLA's CPU runtime maps fresh
-    memory for every execution's temporaries (the scanned layers' activations) and faults it in
-    4 KiB at a time, so k steps per call pay for that once (see ``FinetuneConfig.steps_per_call``)."""
+    float32 rounding (XLA may fuse the scanned step differently); one program per k. What it
+    saves is per call: XLA's CPU runtime maps fresh memory for every execution's temporaries (the
+    scanned layers' activations) and faults it in 4 KiB at a time, so k steps per call pay for
+    that once (see ``FinetuneConfig.steps_per_call``)."""
     return _train_steps(compute_config(config, compute_dtype), optimizer)
-
-
-def _update(config, optimizer, params, opt_state, batch):
-    loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-def _with_lr(opt_state, lr):
-    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
 
 
 @functools.lru_cache(maxsize=32)
@@ -141,52 +132,44 @@ def scheduled_adamw(weight_decay: float = 0.0) -> optax.GradientTransformation:
     return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=weight_decay)
 
 
-@functools.lru_cache(maxsize=32)
-def _scheduled_step(config, optimizer):
-    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
-    def step(params, opt_state, batch, lr):
-        return _update(config, optimizer, params, _with_lr(opt_state, lr), batch)
+def _update(config, optimizer, params, opt_state, batch, lr=None):
+    """One AdamW step on ``batch``; ``lr``: the learning rate of this step (an
+    ``optax.inject_hyperparams`` state), None: the optimiser's own."""
+    if lr is not None:
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+    loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-    return step
 
+def _program(config, optimizer, scanned: bool):
+    """The jitted train program, params and optimiser state donated: one step ``(params,
+    opt_state, batch[, lr])``, or (``scanned``) one step per leading entry of ``batch[, lr]``."""
+    def step(params, opt_state, *xs):
+        return _update(config, optimizer, params, opt_state, *xs)
 
-@functools.lru_cache(maxsize=32)
-def _scheduled_steps(config, optimizer):
-    """k scheduled steps per call: batches [k, ...], lrs [k]."""
-    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
-    def steps(params, opt_state, batches, lrs):
-        def one(carry, xs):
-            b, lr = xs
-            p, s, loss = _update(config, optimizer, carry[0], _with_lr(carry[1], lr), b)
+    def steps(params, opt_state, *xs):
+        def one(carry, x):
+            p, s, loss = step(*carry, *x)
             return (p, s), loss
 
-        (params, opt_state), losses = jax.lax.scan(one, (params, opt_state), (batches, lrs))
+        (params, opt_state), losses = jax.lax.scan(one, (params, opt_state), xs)
         return params, opt_state, losses
 
-    return steps
+    return xla.jit(steps if scanned else step, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
 
 
 @functools.lru_cache(maxsize=32)
 def _train_step(config, optimizer):
-    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
-    def step(params, opt_state, batch):
-        return _update(config, optimizer, params, opt_state, batch)
-
-    return step
+    return _program(config, optimizer, scanned=False)
 
 
 @functools.lru_cache(maxsize=32)
 def _train_steps(config, optimizer):
-    @functools.partial(xla.jit, donate_argnums=(0, 1), mixed=bool(config.matmul_dtype))
-    def steps(params, opt_state, batches):
-        def one(carry, b):
-            p, s, loss = _update(config, optimizer, carry[0], carry[1], b)
-            return (p, s), loss
+    return _program(config, optimizer, scanned=True)
 
-        (params, opt_state), losses = jax.lax.scan(one, (params, opt_state), batches)
-        return params, opt_state, losses
 
-    return steps
+_scheduled_step, _scheduled_steps = _train_step, _train_steps  # the same programs, given an lr per step
 
 
 @functools.lru_cache(maxsize=32)
