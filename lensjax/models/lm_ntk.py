@@ -25,7 +25,7 @@ from lensjax.config import ModelConfig
 from lensjax.kernels import ntk as ntk_kernel
 from lensjax.kernels import xla
 from lensjax.models.layers import TAP
-from lensjax.models.lm import sample_loglik, scalar_fn
+from lensjax.models.lm import sample_loglik, scalar_fn, with_logit_positions
 
 _DENSE_PARENTS = ("attn", "cross_attn", "mlp")  # not "moe": experts are einsums, not dense()
 _DENSE = ("q", "k", "v", "o", "up", "gate", "down")
@@ -82,6 +82,7 @@ def ntk_exact(cfg: ModelConfig, params: dict, batch: dict, *, reduce: str = "mea
     """The exact NTK [n, n] of ``scalar_fn(cfg, reduce)`` over ``params`` (where ``mask``), by taps.
     ``chunk_size`` is the generic route's chunk for untapped leaves (see module notes)."""
     flags = None if mask is None else tuple(bool(m) for m in jax.tree.leaves(mask))
+    batch = with_logit_positions(batch)  # the head's logits only at the scored positions
     return _ntk(cfg, reduce, params, batch, chunk_size, flags)
 
 

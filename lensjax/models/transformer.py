@@ -268,11 +268,13 @@ def cross_cache(cfg: ModelConfig, params: dict, enc_BSD, enc_mask_BS):
 
 # ----------------------------------------------------------------------------------- forward
 def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, positions, cache_empty=False,
-             last_only=False, encoded=None):
+             last_only=False, encoded=None, keep=None):
     """Decoder logits (float32) and the updated cache. For an encoder-decoder, ``input_ids`` are
     decoder tokens and the encoder comes from ``encoded`` (:func:`cross_cache`'s dict) or from the
     cache's cross entries. ``cache_empty``: static promise that the cache holds nothing yet
-    (prefill), so its slots are not attended over; ``last_only``: logits of the last position only."""
+    (prefill), so its slots are not attended over; ``last_only``: logits of the last position only;
+    ``keep`` (int [B, K]): logits [B, K, V] of those positions only (the final norm and the head
+    run on K rows instead of T: :func:`lensjax.models.lm.logit_positions`)."""
     B, T = input_ids.shape
     mask_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
     index = cache["index"] if cache is not None else jnp.int32(0)
@@ -299,6 +301,8 @@ def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, p
                                    cache_empty=cache_empty, cross=cross, reach=reach)
     if last_only:
         x = x[:, -1:]
+    elif keep is not None:
+        x = jnp.take_along_axis(x, keep[..., None].astype(jnp.int32), axis=1)
     logits = _finish(cfg, params, sp, x)
     if cache is None:
         return logits, None
@@ -314,11 +318,13 @@ def _forward(cfg: ModelConfig, params: dict, input_ids, attention_mask, cache, p
 
 
 def forward_encdec(cfg: ModelConfig, params: dict, input_ids, attention_mask, decoder_input_ids,
-                   decoder_attention_mask=None):
-    """Teacher-forced decoder logits [B, T_dec, V] of an encoder-decoder (traceable)."""
+                   decoder_attention_mask=None, keep=None):
+    """Teacher-forced decoder logits [B, T_dec, V] of an encoder-decoder (traceable); ``keep``: as
+    in :func:`_forward` (decoder positions)."""
     enc = encode(cfg, params, input_ids, attention_mask)
     encoded = cross_cache(cfg, params, enc, attention_mask)
-    logits, _ = _forward(cfg, params, decoder_input_ids, decoder_attention_mask, None, None, encoded=encoded)
+    logits, _ = _forward(cfg, params, decoder_input_ids, decoder_attention_mask, None, None, encoded=encoded,
+                         keep=keep)
     return logits
 
 

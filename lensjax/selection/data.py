@@ -141,6 +141,14 @@ def bucket(n: int, multiple: int = LENGTH_BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def scored_count(tok: Tokenized, i: int) -> int:
+    """How many of example i's target tokens a batch scores (positions t ≥ 1: a decoder-only
+    sequence's first token has no logits before it; an encoder-decoder's decoder start is not a
+    target): the rows of ``logit_pos`` that example needs (:func:`lensjax.models.lm.logit_positions`)."""
+    n, p = len(tok.ids[i]), tok.n_prompt[i]
+    return n - p if tok.decoder_start is not None else n - max(p, 1)
+
+
 def make_batch(tok: Tokenized, idx, pad_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
     """Right-padded arrays ``ids``, ``attn``, ``target`` [B, bucket(max length)].
 

@@ -35,8 +35,8 @@ import optax
 
 from lensjax.kernels import xla
 from lensjax.config import ModelConfig, check_compute_dtype, compute_config
-from lensjax.selection.data import Tokenized, bucket, make_batch
-from lensjax.models.lm import mean_target_loss
+from lensjax.selection.data import Tokenized, bucket, make_batch, scored_count
+from lensjax.models.lm import mean_target_loss, with_logit_positions
 from lensjax.parallel import shard_batch, shard_params
 from lensjax.selection.store import CurvesStore  # noqa: F401 - re-exported (its home until it had a module)
 
@@ -244,6 +244,8 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
     rng = np.random.default_rng(ft.seed + d)
     pool = np.asarray(order[:d])
     max_len = bucket(max(len(data.ids[i]) for i in pool))
+    # logits only where targets are scored, K rows per sample for the whole run (one program)
+    n_keep = bucket(max(scored_count(data, i) for i in pool))
     perm, pos = rng.permutation(pool), 0
 
     def draw():
@@ -260,7 +262,8 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
             pos += ft.batch_size
         if len(take) < ft.batch_size:  # d < batch size: repeat examples
             take = np.resize(take, ft.batch_size)
-        return make_batch(data, take, pad_id, length=max_len)
+        b = make_batch(data, take, pad_id, length=max_len)
+        return with_logit_positions(b, length=n_keep) if n_keep < max_len else b
 
     i = 0
     while i < t:

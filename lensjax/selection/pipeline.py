@@ -36,7 +36,7 @@ from lensjax.selection.data import DataError, load_pairs, make_batch, tokenize
 from lensjax.selection.finetune import FinetuneConfig, evaluate, finetune
 from lensjax.selection.store import CurvesStore
 from lensjax.models import lm_ntk
-from lensjax.models.lm import sample_loglik, scalar_fn
+from lensjax.models.lm import sample_loglik, scalar_fn, with_logit_positions
 from lensjax.selection import predictors
 from lensjax.selection.selectors import SelectionError, select_many
 
@@ -115,7 +115,8 @@ def compute_ntk(config, params, data, cfg: NTKConfig, pad_id: int, lr: float) ->
     n -= n % cfg.chunk_size
     if n < cfg.chunk_size:
         raise DataError(f"need at least {cfg.chunk_size} training examples for the NTK probe set")
-    probe = {k: jnp.asarray(v) for k, v in make_batch(data, np.arange(n), pad_id).items()}
+    # the head's logits only at the scored positions (lensjax.models.lm.logit_positions)
+    probe = {k: jnp.asarray(v) for k, v in with_logit_positions(make_batch(data, np.arange(n), pad_id)).items()}
     f = scalar_fn(config, cfg.reduce)
     p_ntk, mask = params, None
     n_params = _param_count(params)
