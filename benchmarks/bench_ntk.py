@@ -14,7 +14,9 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    * lensjax: ``lensjax.models.lm_ntk.ntk_exact(cfg, params, batch)``, the library's path for
      language models (one batched forward/backward whose Gram taps give every parameter's block
      of K; no [n, P] Jacobian; jitted; compile time = first call minus a warm call, reported
-     separately; timed warm with ``block_until_ready``);
+     separately; timed warm with ``block_until_ready``). Since 2026-12-06 14:00 UTC it runs the
+     final norm, the head and the log-softmax on the scored positions only (``logit_pos``, which
+     ``ntk_exact`` adds: 32 of 64 rows here), so the head's share of the FLOPs halves;
    * lensjax rows route (``lensjax_rows``): the generic ``lensjax.kernels.ntk.ntk_exact(
      scalar_fn(cfg), params, batch, chunk_size=8)`` for any scalar function (J by ``vmap(grad)``
      in chunks, then J Jᵀ), with its per-sample-gradient stage timed alone;
@@ -24,6 +26,8 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    * ``torch.func``: ``functional_call`` + ``vmap(grad(f))`` in chunks of 8 samples, rows written
      into J, then J @ J.T (eager attention: SDPA has no vmap batching rule on CPU and falls back
      to a per-sample loop, which is slower).
+   * ``torch.func, logits_to_keep`` (a row without a goal): the same with Hugging Face's
+     ``logits_to_keep`` set to the scored positions, the head on those only, like lensjax's.
 
    Agreement: max |K − K_loop| / max |K_loop| for lensjax and torch.func against the loop, and of
    every K against the float64 product of the loop's J (``max_rel_diff_vs_float64``): the
@@ -40,6 +44,10 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    vs a PyTorch eager step (``loss.backward(); opt.step(); opt.zero_grad()`` with
    ``torch.optim.AdamW(lr=1e-4, weight_decay=1e-4)``, optax's defaults). Median of warm steps;
    both start from the same weights on the same batch, so their loss trajectories are compared.
+   lensjax's batch carries ``logit_pos`` (``with_logit_positions``, as the fine-tuning ladder's
+   batches do: the head on the 64 scored positions of 128); PyTorch eager computes all logits, as a
+   Hugging Face training loop does, and ``PyTorch eager, logits_to_keep`` (rows without a goal)
+   the scored ones only.
    Mixed precision, the same step: lensjax ``make_train_step(..., compute_dtype="bfloat16")``
    (``lensjax.kernels.mixed``: bf16 operands, float32 accumulation and results, float32 weights
    and AdamW) against PyTorch under ``torch.autocast("cpu", torch.bfloat16)`` (bf16 matmul
@@ -161,20 +169,35 @@ def make_batch(rng, n, T, vocab):
     return {"ids": ids, "attn": attn, "target": target}
 
 
-def torch_target_loglik(logits, ids, target):
-    """Per-row mean log p(ids[t] | ids[<t]) over target tokens t ≥ 1, [B] (logits [B, T, V])."""
+def keep_positions(batch_np):
+    """The positions whose logits score a target token in some row (token t is scored at t − 1),
+    as the 1-D index tensor that Hugging Face's ``logits_to_keep`` takes (one set for the batch)."""
     import torch
 
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    w = target[:, 1:].float()
+    t = np.asarray(batch_np["target"])
+    return torch.from_numpy(np.flatnonzero(t[:, 1:].any(axis=0))).long()
+
+
+def _torch_lp(logits, ids, target, keep=None):
+    """(log p of the scored tokens, weights): logits [B, T, V], or [B, K, V] at ``keep``."""
+    import torch
+
+    if keep is None:
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return lp, target[:, 1:].float()
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, keep + 1, None])[..., 0]
+    return lp, target[:, keep + 1].float()
+
+
+def torch_target_loglik(logits, ids, target, keep=None):
+    """Per-row mean log p(ids[t] | ids[<t]) over target tokens t ≥ 1, [B] (logits [B, T, V], or
+    [B, K, V] of the positions ``keep``)."""
+    lp, w = _torch_lp(logits, ids, target, keep)
     return (lp * w).sum(-1) / w.sum(-1).clamp_min(1.0)
 
 
-def torch_mean_nll(logits, ids, target):
-    import torch
-
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    w = target[:, 1:].float()
+def torch_mean_nll(logits, ids, target, keep=None):
+    lp, w = _torch_lp(logits, ids, target, keep)
     return -(lp * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -250,7 +273,8 @@ def ntk_torch_loop(hf, batch_np, args) -> dict:
     return {"K": K.double().numpy(), "K64": K64.numpy(), "time_s": med, "times_s": ts, "jjt_s": float(np.median(jjt))}
 
 
-def ntk_torch_func(hf_eager, batch_np, args) -> dict:
+def ntk_torch_func(hf_eager, batch_np, args, keep: bool = False) -> dict:
+    """``keep``: the head on the scored positions only (``logits_to_keep``), as lensjax does."""
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -260,10 +284,11 @@ def ntk_torch_func(hf_eager, batch_np, args) -> dict:
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
     n, c = ids.shape[0], args.chunk
+    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
 
     def f(p, ids1, tgt1):
-        logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False}).logits
-        return torch_target_loglik(logits, ids1[None], tgt1[None])[0]
+        logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False, **kw}).logits
+        return torch_target_loglik(logits, ids1[None], tgt1[None], kp)[0]
 
     per_chunk = vmap(grad(f), in_dims=(None, 0, 0))
 
@@ -304,7 +329,10 @@ def train_lensjax(model, batch_np, args, compute_dtype: str = "float32", steps_p
         from lensjax.selection.finetune import make_train_step, make_train_steps
     except ImportError as e:  # the module is being written; report instead of failing the run
         return {"error": f"lensjax.selection.finetune.make_train_step unavailable: {e}"}
-    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    from lensjax.models.lm import with_logit_positions
+
+    # the fine-tuning ladder's batches carry the scored positions (the head runs on those only)
+    batch = {k: jnp.asarray(v) for k, v in with_logit_positions(batch_np).items()}
     tx = optax.adamw(args.lr)
     k = steps_per_call
     if k > 1:  # k steps per call on the same batch (as the single-step run takes it k times)
@@ -334,9 +362,10 @@ def train_lensjax(model, batch_np, args, compute_dtype: str = "float32", steps_p
             "steps_per_call": k}
 
 
-def train_torch(path, batch_np, args, autocast: bool = False) -> dict:
+def train_torch(path, batch_np, args, autocast: bool = False, keep: bool = False) -> dict:
     """``autocast``: the forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (PyTorch's
-    mixed precision: bf16 matmuls with bf16 outputs; float32 weights and AdamW)."""
+    mixed precision: bf16 matmuls with bf16 outputs; float32 weights and AdamW). ``keep``: the
+    head on the scored positions only (``logits_to_keep``), as lensjax's ladder does."""
     import torch
     import transformers as tf
 
@@ -345,9 +374,11 @@ def train_torch(path, batch_np, args, autocast: bool = False) -> dict:
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
 
+    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
+
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = torch_mean_nll(hf(input_ids=ids, use_cache=False).logits, ids, tgt)
+            loss = torch_mean_nll(hf(input_ids=ids, use_cache=False, **kw).logits, ids, tgt, kp)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -425,7 +456,8 @@ def main():
     for name, fn in (("lensjax", lambda: ntk_lensjax(model, probe, args)),
                      ("lensjax_rows", lambda: ntk_lensjax(model, probe, args, "rows")),
                      ("torch_loop", lambda: ntk_torch_loop(hf, probe, args)),
-                     ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args))):
+                     ("torch_func", lambda: ntk_torch_func(hf_eager, probe, args)),
+                     ("torch_func_keep", lambda: ntk_torch_func(hf_eager, probe, args, keep=True))):
         try:
             wait_idle(args.wait_idle)
             with OtherLoad() as ol:
@@ -440,7 +472,7 @@ def main():
     if n < 16:
         print("  note: n < 16: torch's float32 J @ J.T is itself ~1e-3 off here, so the agreement check is loose")
     ref = res_ntk.get("torch_loop", {}).get("K")
-    for name in ("lensjax", "lensjax_rows", "torch_func"):
+    for name in ("lensjax", "lensjax_rows", "torch_func", "torch_func_keep"):
         if ref is not None and "K" in res_ntk[name]:
             res_ntk[name]["max_rel_diff_vs_loop"] = rel_diff(res_ntk[name]["K"], ref)
     if "K" in res_ntk.get("lensjax", {}) and "K" in res_ntk.get("torch_func", {}):
@@ -467,6 +499,7 @@ def main():
     kc = args.steps_per_call
     runs = [("lensjax", lambda: train_lensjax(model, train_batch, args)),
             ("torch_eager", lambda: train_torch(path, train_batch, args)),
+            ("torch_eager_keep", lambda: train_torch(path, train_batch, args, keep=True)),
             ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16")),
             ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True))]
     if kc > 1:
@@ -486,7 +519,7 @@ def main():
     if "losses" in res_train["lensjax"] and "losses" in res_train["torch_eager"]:
         a, b = np.array(res_train["lensjax"]["losses"]), np.array(res_train["torch_eager"]["losses"])
         res_train["max_abs_loss_diff"] = float(np.abs(a - b).max())
-    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi", "torch_eager_keep"):
         # mixed precision's numerics (and the k-step program's): its losses against float32's, step by step
         if "losses" in res_train.get(name, {}) and "losses" in res_train["torch_eager"]:
             a, b = np.array(res_train[name]["losses"]), np.array(res_train["torch_eager"]["losses"])
@@ -502,6 +535,7 @@ def main():
     rows = [
         (f"exact NTK n={n} T={T}", "PyTorch loop", res_ntk["torch_loop"], res_ntk["lensjax"], "ntk_vs_loop"),
         (f"exact NTK n={n} T={T}", "torch.func", res_ntk["torch_func"], res_ntk["lensjax"], "ntk_vs_func"),
+        (f"exact NTK n={n} T={T}", "torch.func, logits_to_keep", res_ntk["torch_func_keep"], res_ntk["lensjax"], None),
         (f"AdamW step {args.train_batch}x{args.train_seq}", "PyTorch eager", res_train["torch_eager"], res_train["lensjax"], "train_vs_eager"),
         (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed", "PyTorch eager", res_train["torch_eager"],
          res_train["lensjax_bf16"], "train_vs_eager"),
@@ -512,16 +546,20 @@ def main():
          res_train["lensjax_multi"], "train_vs_eager"),
         (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed, {kc} steps per call", "PyTorch eager",
          res_train["torch_eager"], res_train["lensjax_bf16_multi"], "train_vs_eager"),
+        (f"AdamW step {args.train_batch}x{args.train_seq}, {kc} steps per call", "PyTorch eager, logits_to_keep",
+         res_train["torch_eager_keep"], res_train["lensjax_multi"], None),
+        (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed, {kc} steps per call", "PyTorch eager, logits_to_keep",
+         res_train["torch_eager_keep"], res_train["lensjax_bf16_multi"], None),
     ])
     table = []
     fmt = lambda r: f"{r['time_s']:.4f}" if "time_s" in r else "n/a"  # noqa: E731
-    print(f"\n{'task':<48}{'baseline':<23}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
+    print(f"\n{'task':<48}{'baseline':<31}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
     for task, base_name, base, lj, goal_key in rows:
         rt, goal = ratio(base, lj), GOALS.get(goal_key)
         met = None if rt is None or goal is None else bool(rt >= goal)
         rs = f"{rt:.2f}x" if rt is not None else "n/a"
         gs = f"{goal:>6.1f}x" if goal is not None else f"{'-':>7}"
-        print(f"{task:<48}{base_name:<23}{fmt(base):>10}{fmt(lj):>13}{rs:>8}{gs}  "
+        print(f"{task:<48}{base_name:<31}{fmt(base):>10}{fmt(lj):>13}{rs:>8}{gs}  "
               + ("-" if met is None else ("yes" if met else "NO")))
         table.append({"task": task, "baseline": base_name, "baseline_s": base.get("time_s"), "lensjax_s": lj.get("time_s"),
                       "ratio": rt, "goal": goal, "met": met, "precision": "bfloat16" if "bf16" in task else "float32"})
@@ -544,7 +582,7 @@ def main():
             parts.append(f"{name} J Jᵀ {res_ntk[name]['jjt_s']:.2f} s")
     if parts:
         print("  breakdown: " + "; ".join(parts))
-    for name in ("lensjax", "torch_func"):
+    for name in ("lensjax", "torch_func", "torch_func_keep"):
         r = res_ntk[name]
         if "max_rel_diff_vs_loop" in r:
             print(f"  {name} vs PyTorch loop: max |ΔK| / max |K| = {r['max_rel_diff_vs_loop']:.2e}")
@@ -561,10 +599,10 @@ def main():
     if "time_s" in tl:
         tl["gflops_per_s"] = train_flops / tl["time_s"] / 1e9
         print(f"  lensjax step: {tl['gflops_per_s']:.1f} GFLOP/s; compile {tl['compile_s']:.1f} s (first call {tl['first_call_s']:.1f} s)")
-    for name in ("torch_eager", "lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+    for name in ("torch_eager", "torch_eager_keep", "lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
         if "time_s" in res_train.get(name, {}):
             res_train[name]["gflops_per_s"] = train_flops / res_train[name]["time_s"] / 1e9
-    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi"):
+    for name in ("lensjax_bf16", "torch_autocast", "lensjax_multi", "lensjax_bf16_multi", "torch_eager_keep"):
         if "max_abs_loss_diff_vs_float32" in res_train.get(name, {}):
             print(f"  {name}: max |Δloss| against PyTorch float32 over {res_train[name]['loss_steps_compared']} steps = "
                   f"{res_train[name]['max_abs_loss_diff_vs_float32']:.2e}")
@@ -586,7 +624,10 @@ def main():
                   "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
                   "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "loadavg_at_end": list(os.getloadavg()),
-                  "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"}},
+                  "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"},
+                  "scored_positions": "lensjax's head runs on the scored positions only (logit_pos: lensjax.models.lm."
+                                      "with_logit_positions; ntk_exact adds them, the ladder's batches carry them); the "
+                                      "*_keep torch rows do the same with logits_to_keep, the others compute all logits"},
         "ntk": {**res_ntk, "flops": flops, "grad_flops": grad_flops, "jjt_flops": jjt_flops, "K_summary": k_summary},
         "train_step": {**res_train, "flops": train_flops},
         "table": table,
