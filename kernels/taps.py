@@ -54,10 +54,32 @@ def _token_gram(xs, gs):
     return jax.lax.map(row, (xs, gs))
 
 
-def _blocks(n, din, dout, big=32 << 20):
-    """Slices of d_in for the per-sample weight gradients: 4 once n·|W| floats pass 32 MiB (on a
-    2-core CPU the Gram of a freshly written [64, 256·1024] block ran 1.5x faster in quarters)."""
-    return 4 if din % 4 == 0 and 4 * n * din * dout > big else 1
+def _slicing(n, din, dout, big=32 << 20):
+    """(sliced axis "d" | "e", slice count) for the per-sample weight gradients [n, d_in, d_out].
+
+    One piece when n·|W| floats fit in 32 MiB. Otherwise pieces of at most 64 MiB (at least 4;
+    power-of-two counts that divide the axis, the other axis if this one won't split, e.g. an
+    odd vocabulary):
+    the Gram of a freshly written [64, 256·1024] block ran 1.5x faster in quarters on a 2-core CPU.
+    The sliced axis is d_in where d_in < d_out ≤ 4·d_in (an MLP's up projections), else d_out (its
+    down projection, a vocabulary head): each piece is then computed as [n, slice, other axis]
+    with the slice on the left of the dot, the layout Eigen ran fastest (10M Llama, n = 64: down
+    46 -> 36 ms, a 256 x 8192 head 266 -> 214 ms, up 36 ms either way)."""
+    total = 4 * n * din * dout
+    if total <= big:
+        return "d", 1
+    prefer = ("d", din) if din < dout <= 4 * din else ("e", dout)
+    best = None
+    for axis, m in (prefer, ("e", dout) if prefer[0] == "d" else ("d", din)):  # the other axis if m won't split
+        nb = 4
+        while total / nb > 2 * big and m % (2 * nb) == 0:
+            nb *= 2
+        if m % nb:
+            continue
+        if total / nb <= 2 * big:
+            return axis, nb
+        best = (axis, nb) if best is None or nb > best[1] else best
+    return best or ("d", 1)
 
 
 def _matmul2d(x, w, f32):
@@ -85,15 +107,18 @@ def _matmul_bwd(f32_out, res, g):
     per_sample = 2.0 * n * T * din * dout + 2.0 * n * n * din * dout
     token = 2.0 * (n * T) ** 2 * (din + dout)
     if per_sample <= token:
-        nb = _blocks(n, din, dout)
+        axis, nb = _slicing(n, din, dout)
         if nb == 1:
             K = _gram(jnp.einsum("ntd,nte->nde", xs, gs, preferred_element_type=F32))
-        else:  # G in slices of d_in rows, each Gram-reduced at once (measured 94 -> 64 ms on 64 x [256, 1024])
-            def body(k, xb):
-                return k + _gram(jnp.einsum("ntd,nte->nde", xb, gs, preferred_element_type=F32)), None
+        else:  # G in slices, each Gram-reduced at once (measured 94 -> 64 ms on 64 x [256, 1024])
+            sl, other, eq = (xs, gs, "ntd,nte->nde") if axis == "d" else (gs, xs, "nte,ntd->ned")
 
-            xb = xs.reshape(n, T, nb, din // nb).transpose(2, 0, 1, 3)
-            K = jax.lax.scan(body, jnp.zeros((n, n), F32), xb)[0]
+            def body(k, b):
+                return k + _gram(jnp.einsum(eq, b, other, preferred_element_type=F32)), None
+
+            m = sl.shape[-1]
+            blocks = sl.reshape(n, T, nb, m // nb).transpose(2, 0, 1, 3)
+            K = jax.lax.scan(body, jnp.zeros((n, n), F32), blocks)[0]
     else:
         K = _token_gram(xs, gs)
     dx = _matmul2d(gs, w.T, False).reshape(x.shape).astype(x.dtype)

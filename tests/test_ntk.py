@@ -140,3 +140,24 @@ def test_sketch_error_falls_as_inverse_sqrt_k(tiny):
         errs[k] = float(np.mean(e))
     ratio = errs[16] / errs[256]  # 1/sqrt(k) predicts 4
     assert 2.5 <= ratio <= 6.5, errs
+
+
+@pytest.mark.parametrize("din,dout", [(8, 24), (24, 8), (8, 64), (12, 45)])
+def test_tap_slices_equal_float64_per_sample_gram(monkeypatch, din, dout):
+    """The dense tap's per-sample-gradient Gram in slices (of d_in or of d_out, whichever
+    ``_slicing`` picks; an odd axis falls back to the other) against float64 NumPy."""
+    import functools
+
+    from lensjax.kernels import taps
+
+    monkeypatch.setattr(taps, "_slicing", functools.partial(taps._slicing, big=64))
+    n, T = 5, 3
+    rng = np.random.default_rng(din * dout)
+    x, w = rng.normal(size=(n, T, din)).astype(np.float32), rng.normal(size=(din, dout)).astype(np.float32)
+    c = rng.normal(size=(n, T, dout)).astype(np.float32)  # the cotangent of x @ w
+    axis, nb = taps._slicing(n, din, dout)
+    assert nb > 1 and (axis == "d") == (dout % 4 != 0 or din < dout <= 4 * din)
+    f = lambda acc: jnp.sum(taps.matmul(jnp.asarray(x), jnp.asarray(w), acc) * c)  # noqa: E731
+    K = np.asarray(jax.grad(f)(jnp.zeros((n, n), jnp.float32)), np.float64)
+    G = np.einsum("ntd,nte->nde", x.astype(np.float64), c.astype(np.float64)).reshape(n, -1)
+    np.testing.assert_allclose(K, G @ G.T, rtol=1e-5, atol=1e-5 * np.abs(G @ G.T).max())
