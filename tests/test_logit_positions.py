@@ -128,3 +128,20 @@ def test_finetune_same_weights_with_and_without_positions(tmp_path, monkeypatch)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(m.params)))
     assert moved > 1e-4
+
+
+def test_readme_snippet_runs_as_written(monkeypatch):
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("* Logits only where tokens are scored"):]
+    start = section.index("```python") + len("```python")
+    code = textwrap.dedent(section[start: section.index("```", start)])
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["kept"]["logit_pos"].shape == (2, 8)
+    full = lm.mean_target_loss(scope["model"].config, scope["model"].params, scope["batch"])
+    np.testing.assert_allclose(float(scope["loss"]), float(full), rtol=1e-6)
