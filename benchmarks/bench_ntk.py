@@ -14,7 +14,7 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    * lensjax: ``lensjax.models.lm_ntk.ntk_exact(cfg, params, batch)``, the library's path for
      language models (one batched forward/backward whose Gram taps give every parameter's block
      of K; no [n, P] Jacobian; jitted; compile time = first call minus a warm call, reported
-     separately; timed warm with ``block_until_ready``). Since 2026-12-06 14:00 UTC it runs the
+     separately; timed warm with ``block_until_ready``). Since 2026-12-06 13:00 UTC (544eefa) it runs the
      final norm, the head and the log-softmax on the scored positions only (``logit_pos``, which
      ``ntk_exact`` adds: 32 of 64 rows here), so the head's share of the FLOPs halves;
    * lensjax rows route (``lensjax_rows``): the generic ``lensjax.kernels.ntk.ntk_exact(
@@ -492,6 +492,14 @@ def main():
     grad_flops = n * 3 * 2 * P * T
     jjt_flops = 2 * n * n * P
     flops = grad_flops + jjt_flops
+    # lensjax's head runs on the scored positions only: the FLOPs it skips (the table's GFLOP and
+    # GFLOP/s columns keep the all-logits count, the same for every side)
+    from lensjax.models.lm import logit_positions
+
+    head = int(model.params["lm_head"]["w"].size) if "lm_head" in model.params else 0
+    k_ntk = (logit_positions(probe) if T > 1 else None)
+    k_ntk = T if k_ntk is None else k_ntk.shape[1]
+    head_skipped_ntk = n * 3 * 2 * head * (T - k_ntk)
 
     del hf_eager
     train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
@@ -527,6 +535,9 @@ def main():
             res_train[name]["max_abs_loss_diff_vs_float32"] = float(np.abs(a[:m] - b[:m]).max())
             res_train[name]["loss_steps_compared"] = m
     train_flops = 3 * 2 * P * args.train_batch * args.train_seq
+    k_tr = logit_positions(train_batch)
+    k_tr = args.train_seq if k_tr is None else k_tr.shape[1]
+    head_skipped_train = 3 * 2 * head * args.train_batch * (args.train_seq - k_tr)
 
     # ------------------------------------------------------------------------------ table
     def ratio(base, lj):
@@ -594,8 +605,10 @@ def main():
     if k_summary:
         print(f"  K: trace {k_summary['trace']:.4g}, top eigenvalues {', '.join(f'{x:.4g}' for x in k_summary['top_eigenvalues'])}, "
               f"effective rank {k_summary['effective_rank']:.2f}")
+    print(f"  lensjax's head runs on {k_ntk} of {T} positions: {head_skipped_ntk / 1e9:.1f} GFLOP of the estimate skipped")
     tl = res_train["lensjax"]
-    print(f"train step FLOP estimate: {train_flops / 1e9:.1f} GFLOP (3·2·P·B·T)")
+    print(f"train step FLOP estimate: {train_flops / 1e9:.1f} GFLOP (3·2·P·B·T); lensjax's head on {k_tr} of "
+          f"{args.train_seq} positions skips {head_skipped_train / 1e9:.1f} GFLOP of it")
     if "time_s" in tl:
         tl["gflops_per_s"] = train_flops / tl["time_s"] / 1e9
         print(f"  lensjax step: {tl['gflops_per_s']:.1f} GFLOP/s; compile {tl['compile_s']:.1f} s (first call {tl['first_call_s']:.1f} s)")
@@ -628,8 +641,10 @@ def main():
                   "scored_positions": "lensjax's head runs on the scored positions only (logit_pos: lensjax.models.lm."
                                       "with_logit_positions; ntk_exact adds them, the ladder's batches carry them); the "
                                       "*_keep torch rows do the same with logits_to_keep, the others compute all logits"},
-        "ntk": {**res_ntk, "flops": flops, "grad_flops": grad_flops, "jjt_flops": jjt_flops, "K_summary": k_summary},
-        "train_step": {**res_train, "flops": train_flops},
+        "ntk": {**res_ntk, "flops": flops, "grad_flops": grad_flops, "jjt_flops": jjt_flops, "K_summary": k_summary,
+                "lensjax_head_positions": k_ntk, "lensjax_head_flops_skipped": head_skipped_ntk},
+        "train_step": {**res_train, "flops": train_flops, "lensjax_head_positions": k_tr,
+                       "lensjax_head_flops_skipped": head_skipped_train},
         "table": table,
         "goals": GOALS,
     }

@@ -55,7 +55,7 @@ def test_logit_positions_by_hand():
 def test_loglik_and_gradient_match_pytorch_full_logits(tmp_path, family):
     hf = make(family, tmp_path)
     m = lensjax.load(tmp_path)
-    b = _batch(np.random.default_rng(1), T=24)  # 8 scored rows at most -> K = 16 of 24
+    b = _batch(np.random.default_rng(1), T=24)  # 13 scored positions at most -> K = 16 of 24
     b["ids"][:, 16:] = 0
     b["attn"][:, 16:] = False
     b["target"][:, 16:] = False

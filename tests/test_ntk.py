@@ -145,13 +145,15 @@ def test_sketch_error_falls_as_inverse_sqrt_k(tiny):
 @pytest.mark.parametrize("din,dout", [(8, 24), (24, 8), (8, 64), (12, 45)])
 def test_tap_slices_equal_float64_per_sample_gram(monkeypatch, din, dout):
     """The dense tap's per-sample-gradient Gram in slices (of d_in or of d_out, whichever
-    ``_slicing`` picks; an odd axis falls back to the other) against float64 NumPy."""
+    ``_slicing`` picks; an odd axis falls back to the other) against float64 NumPy. T = 32 makes
+    the per-sample route the cheaper one, and the token-Gram route is made to fail if taken."""
     import functools
 
     from lensjax.kernels import taps
 
     monkeypatch.setattr(taps, "_slicing", functools.partial(taps._slicing, big=64))
-    n, T = 5, 3
+    monkeypatch.setattr(taps, "_token_gram", lambda *a: pytest.fail("token-Gram route taken"))
+    n, T = 5, 32
     rng = np.random.default_rng(din * dout)
     x, w = rng.normal(size=(n, T, din)).astype(np.float32), rng.normal(size=(din, dout)).astype(np.float32)
     c = rng.normal(size=(n, T, dout)).astype(np.float32)  # the cotangent of x @ w

@@ -56,8 +56,8 @@ def logit_positions(batch, multiple: int = 8, length: int | None = None) -> np.n
 def with_logit_positions(batch: dict, multiple: int = 8, length: int | None = None) -> dict:
     """``batch`` plus :data:`LOGIT_POS` from :func:`logit_positions`. Unchanged when that is None,
     when the batch already has them, or when its arrays cannot be read on this host (tracers,
-    arrays spread over other processes). For a ``jax.Array`` batch the positions get the
-    sharding of its ``ids`` (rows split like the batch's)."""
+    arrays spread over other processes). For a ``jax.Array`` batch the positions are placed like
+    its ``ids``, rows split as the batch's (a split of the sequence axis is not carried over)."""
     leaves = jax.tree.leaves(batch)
     if LOGIT_POS in batch or any(isinstance(a, jax.core.Tracer) for a in leaves):
         return batch
@@ -68,7 +68,10 @@ def with_logit_positions(batch: dict, multiple: int = 8, length: int | None = No
         return batch
     ref = batch.get("dec_ids", batch["ids"])
     if isinstance(ref, jax.Array):
-        pos = jax.device_put(pos, ref.sharding)
+        sh = ref.sharding
+        if isinstance(sh, jax.sharding.NamedSharding):  # rows as the batch's; K is not split
+            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[:1]))
+        pos = jax.device_put(pos, sh)
     return {**batch, LOGIT_POS: pos}
 
 
