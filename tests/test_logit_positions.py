@@ -145,3 +145,22 @@ def test_readme_snippet_runs_as_written(monkeypatch):
     assert scope["kept"]["logit_pos"].shape == (2, 8)
     full = lm.mean_target_loss(scope["model"].config, scope["model"].params, scope["batch"])
     np.testing.assert_allclose(float(scope["loss"]), float(full), rtol=1e-6)
+
+
+def test_evaluate_same_loss_with_and_without_positions(tmp_path, monkeypatch):
+    """The held-out evaluation scores with K rows per sample (one K for the set, batches of
+    several lengths, a padded last batch); the full-logit path gives the same loss."""
+    make("llama", tmp_path)
+    m = lensjax.load(tmp_path)
+    rng = np.random.default_rng(4)
+    lens = [12, 18, 25, 31, 40, 44, 47]
+    tok = Tokenized(tuple(tuple(int(x) for x in rng.integers(3, VOCAB, size=n)) for n in lens),
+                    tuple(n - int(rng.integers(2, 7)) for n in lens))
+    seen = []
+    real = ft_mod.with_logit_positions
+    monkeypatch.setattr(ft_mod, "with_logit_positions", lambda b, **kw: seen.append(real(b, **kw)) or seen[-1])
+    got = ft_mod.evaluate(m.config, m.params, tok, batch_size=3)
+    assert seen and all(s["logit_pos"].shape == (3, 16) for s in seen)  # targets <= 6 -> 16 rows
+    monkeypatch.setattr(ft_mod, "with_logit_positions", lambda b, **kw: b)
+    ref = ft_mod.evaluate(m.config, m.params, tok, batch_size=3)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)

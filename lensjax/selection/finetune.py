@@ -186,19 +186,24 @@ def _eval_sums(config):
 
 def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None) -> float:
-    """Mean negative log-likelihood per target token over ``data`` (token-weighted). With
-    ``mesh``, each batch is split over its ``data`` axis (``params`` as placed by the caller)."""
+    """Mean negative log-likelihood per target token over ``data`` (token-weighted; the head runs
+    on the scored positions only, ``lensjax.models.lm.logit_positions``). With ``mesh``, each
+    batch is split over its ``data`` axis (``params`` as placed by the caller)."""
     if len(data) == 0:
         raise ValueError("no held-out examples to evaluate on")
     fn = _eval_sums(config)
     tot, cnt = 0.0, 0.0
     order = np.argsort([len(x) for x in data.ids], kind="stable")  # similar lengths share a bucket
+    # logits only at the scored positions: one K for the whole set, so one program per length bucket
+    n_keep = bucket(max(scored_count(data, i) for i in range(len(data))))
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         b = make_batch(data, idx, pad_id)
         if len(idx) < batch_size:  # keep one batch shape per bucket: pad with empty rows
             extra = batch_size - len(idx)
             b = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+        if n_keep < b.get("dec_ids", b["ids"]).shape[1]:
+            b = with_logit_positions(b, length=n_keep)
         if mesh is not None:
             b = shard_batch(b, mesh)
         with _mesh_context(mesh):
