@@ -284,7 +284,8 @@ def ntk_torch_func(hf_eager, batch_np, args, keep: bool = False) -> dict:
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
     n, c = ids.shape[0], args.chunk
-    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
+    kp = keep_positions(batch_np) if keep else None
+    kw = {} if kp is None else {"logits_to_keep": kp}
 
     def f(p, ids1, tgt1):
         logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False, **kw}).logits
@@ -374,7 +375,8 @@ def train_torch(path, batch_np, args, autocast: bool = False, keep: bool = False
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
 
-    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
+    kp = keep_positions(batch_np) if keep else None
+    kw = {} if kp is None else {"logits_to_keep": kp}
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
