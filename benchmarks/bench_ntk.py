@@ -284,8 +284,7 @@ def ntk_torch_func(hf_eager, batch_np, args, keep: bool = False) -> dict:
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
     n, c = ids.shape[0], args.chunk
-    kp = keep_positions(batch_np) if keep else None
-    kw = {} if kp is None else {"logits_to_keep": kp}
+    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
 
     def f(p, ids1, tgt1):
         logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False, **kw}).logits
@@ -375,8 +374,7 @@ def train_torch(path, batch_np, args, autocast: bool = False, keep: bool = False
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
 
-    kp = keep_positions(batch_np) if keep else None
-    kw = {} if kp is None else {"logits_to_keep": kp}
+    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

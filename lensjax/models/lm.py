@@ -94,23 +94,24 @@ def logprobs_from_logits(logits, batch, keep=None) -> tuple[jax.Array, jax.Array
     """:func:`token_logprobs` from the forward pass's logits [B, T, V] (to reuse them), or from
     those of the positions ``keep`` [B, K] only (logits [B, K, V])."""
     logits = logits.astype(jnp.float32)
-    # Every position is scored against the next id (the last one against a placeholder 0, weight
-    # 0). Without ``keep`` the last column of the [B, T] result is dropped: slicing the [B, T, V]
-    # logits to T − 1 instead copies them and pads their gradient back (exact NTK, 10M Llama,
-    # 64 x 64: ≈ 45 ms of 2.2 s).
-    pad = ((0, 0), (0, 1))
-    nxt = jnp.pad(batch["ids"][:, 1:], pad)
-    w = jnp.pad(batch["target"][:, 1:] & batch["attn"][:, 1:], pad)
     if keep is not None:
         keep = keep.astype(jnp.int32)
-        nxt, w = jnp.take_along_axis(nxt, keep, axis=1), jnp.take_along_axis(w, keep, axis=1)
+        pad = ((0, 0), (0, 1))
+        nxt = jnp.take_along_axis(jnp.pad(batch["ids"][:, 1:], pad), keep, axis=1)
+        w = jnp.pad(batch["target"][:, 1:] & batch["attn"][:, 1:], pad)
+        w = jnp.take_along_axis(w, keep, axis=1).astype(jnp.float32)
+        picked = jnp.sum(logits * jax.nn.one_hot(nxt, logits.shape[-1], dtype=logits.dtype), axis=-1)
+        return picked - jax.nn.logsumexp(logits, axis=-1), w
+    # Every position is scored against the next id (the last one against a placeholder 0) and the
+    # last column of the [B, T] result is dropped: slicing the [B, T, V] logits to T − 1 instead
+    # copies them and pads their gradient back (exact NTK, 10M Llama, 64 x 64: ≈ 45 ms of 2.2 s).
+    nxt = jnp.pad(batch["ids"][:, 1:], ((0, 0), (0, 1)))
     # A one-hot product rather than a gather: the gather's gradient is a scatter, which XLA's CPU
     # backend runs far slower (train step 2.25 s -> 1.42 s on a 10M Llama, 8 x 128 tokens).
     picked = jnp.sum(logits * jax.nn.one_hot(nxt, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    lp = picked - jax.nn.logsumexp(logits, axis=-1)
-    if keep is None:
-        lp, w = lp[:, :-1], w[:, :-1]
-    return lp, w.astype(jnp.float32)
+    lp = (picked - jax.nn.logsumexp(logits, axis=-1))[:, :-1]
+    w = (batch["target"][:, 1:] & batch["attn"][:, 1:]).astype(jnp.float32)
+    return lp, w
 
 
 def sample_loglik(cfg: ModelConfig, params, batch, reduce: str = "mean") -> jax.Array:

@@ -202,7 +202,8 @@ def evaluate(config: ModelConfig, params, data: Tokenized, batch_size: int = 32,
         if len(idx) < batch_size:  # keep one batch shape per bucket: pad with empty rows
             extra = batch_size - len(idx)
             b = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-        b = with_logit_positions(b, length=n_keep)  # unchanged where n_keep reaches the length
+        if n_keep < b.get("dec_ids", b["ids"]).shape[1]:
+            b = with_logit_positions(b, length=n_keep)
         if mesh is not None:
             b = shard_batch(b, mesh)
         with _mesh_context(mesh):
@@ -267,7 +268,7 @@ def finetune(config: ModelConfig, params, data: Tokenized, order: np.ndarray, d:
         if len(take) < ft.batch_size:  # d < batch size: repeat examples
             take = np.resize(take, ft.batch_size)
         b = make_batch(data, take, pad_id, length=max_len)
-        return with_logit_positions(b, length=n_keep)  # unchanged where n_keep reaches max_len
+        return with_logit_positions(b, length=n_keep) if n_keep < max_len else b
 
     i = 0
     while i < t:
