@@ -178,6 +178,15 @@ def keep_positions(batch_np):
     return torch.from_numpy(np.flatnonzero(t[:, 1:].any(axis=0))).long()
 
 
+def keep_args(batch_np, keep: bool):
+    """(extra forward keyword arguments, positions for the scoring): ``logits_to_keep`` and its
+    positions when ``keep``, else nothing and None (all logits)."""
+    if not keep:
+        return {}, None
+    kp = keep_positions(batch_np)
+    return {"logits_to_keep": kp}, kp
+
+
 def _torch_lp(logits, ids, target, keep=None):
     """(log p of the scored tokens, weights): logits [B, T, V], or [B, K, V] at ``keep``."""
     import torch
@@ -284,7 +293,7 @@ def ntk_torch_func(hf_eager, batch_np, args, keep: bool = False) -> dict:
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
     n, c = ids.shape[0], args.chunk
-    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
+    kw, kp = keep_args(batch_np, keep)
 
     def f(p, ids1, tgt1):
         logits = functional_call(hf_eager, p, (ids1[None],), {"use_cache": False, **kw}).logits
@@ -374,7 +383,7 @@ def train_torch(path, batch_np, args, autocast: bool = False, keep: bool = False
     ids = torch.from_numpy(batch_np["ids"]).long()
     tgt = torch.from_numpy(batch_np["target"])
 
-    kw, kp = ({"logits_to_keep": keep_positions(batch_np)}, keep_positions(batch_np)) if keep else ({}, None)
+    kw, kp = keep_args(batch_np, keep)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
