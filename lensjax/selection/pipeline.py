@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lensjax import programs
 from lensjax.io import atomic_write
 from lensjax.kernels import ntk as ntk_kernel
 from lensjax.selection import cost as cost_mod
@@ -246,6 +247,10 @@ def run(models: list[str], dataset: str, *, budget: int, target_size: int, metho
                 if ntk_out is not None:  # written as each is made, keeping what the file holds
                     update_ntk(ntk_out, {name: c})
             bar is not None and bar.advance(task)
+            del model
+            # the next candidate compiles programs of its own: release these before the process
+            # reaches its memory-mapping limit (lensjax.programs), which XLA does not survive
+            programs.release_if_crowded(log=log)
     if shard is not None:
         return {"measured": list(models), "shard": list(shard), "curves_csv": str(store.path),
                 "ntk_file": None if ntk_out is None else str(ntk_out)}
