@@ -9,8 +9,9 @@ measured with jaxlib 0.10.2 on x86-64, the AdamW train step of a 2-layer Llama a
 ``mmap`` fails inside XLA's compiler and the process aborts ("LLVM ERROR: Unable to allocate
 section memory!") or dies of a segmentation fault, with no Python exception to catch. Compiling
 the same train step over and over while keeping each result reached the limit after 130 programs
-(64,970 mappings), then aborted. One test worker of lensjax's suite reached 62,942 mappings, and
-crossed the limit in four runs out of about a dozen.
+(64,970 mappings), then aborted. One test worker of lensjax's suite reached 62,942 mappings in a
+run that passed; once the suite had 489–490 tests, a worker died of a segmentation fault while
+compiling, late in the run, in 4 of 12 runs.
 
 Candidates of a model selection rarely share a program (each architecture and size compiles its
 own), so :func:`lensjax.selection.pipeline.run` calls :func:`release_if_crowded` after each
@@ -29,13 +30,14 @@ MAPS_PATH = "/proc/self/maps"
 LIMIT_PATH = "/proc/sys/vm/max_map_count"
 
 
-def mappings(maps_path: str = MAPS_PATH, limit_path: str = LIMIT_PATH) -> tuple[int, int] | None:
-    """``(count, limit)``: this process's memory mappings and the kernel's cap on them; None
-    where the system does not say (not Linux, or ``/proc`` unreadable)."""
+def mappings() -> tuple[int, int] | None:
+    """``(count, limit)``: this process's memory mappings (``MAPS_PATH``) and the kernel's cap on
+    them (``LIMIT_PATH``); None where the system does not say (not Linux, or ``/proc``
+    unreadable)."""
     try:
-        with open(limit_path) as fh:
+        with open(LIMIT_PATH) as fh:
             limit = int(fh.read().strip())
-        with open(maps_path, "rb") as fh:
+        with open(MAPS_PATH, "rb") as fh:
             count = sum(1 for _ in fh)
     except (OSError, ValueError):
         return None
@@ -53,18 +55,18 @@ def release() -> None:
     gc.collect()
 
 
-def release_if_crowded(fraction: float = 0.5, log=None, **paths) -> bool:
+def release_if_crowded(fraction: float = 0.5, log=None) -> bool:
     """:func:`release` when the process holds more than ``fraction`` of its memory-mapping limit;
     returns whether it did. ``log(msg)`` gets one line when it does. Where the count is
     unknown (see :func:`mappings`) it does nothing."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], not {fraction!r}")
-    seen = mappings(**paths)
+    seen = mappings()
     if seen is None or seen[0] <= fraction * seen[1]:
         return False
     release()
     if log is not None:
-        after = mappings(**paths)
+        after = mappings()
         log(f"released compiled programs: {seen[0]} memory mappings of {seen[1]} allowed"
             + (f", {after[0]} after" if after is not None else ""))
     return True

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lensjax
+from lensjax import programs
 from lensjax.cli import app
 from lensjax.selection import pipeline
 from lensjax.selection.data import DataError, load_pairs, tokenize
@@ -83,8 +84,14 @@ def test_killed_run_resumes_to_the_same_curves(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(CurvesStore, "record", orig)
     rows = list(csv.reader(open(part)))
     assert sum(c != "" for r in rows[1:] for c in r[1:5]) == 6  # what was measured before the kill is kept
-    pipeline.run(dirs[:2], data, curves_out=part, **kw)
+    # the resumed run on a crowded process (a memory-mapping limit of 2): the compiled programs are
+    # released after each candidate (lensjax.programs); the curves stay the same
+    (tmp_path / "max_map_count").write_text("2\n")
+    monkeypatch.setattr(programs, "LIMIT_PATH", str(tmp_path / "max_map_count"))
+    logs = []
+    pipeline.run(dirs[:2], data, curves_out=part, log=logs.append, **kw)
     assert part.read_text() == full.read_text()
+    assert sum(line.startswith("released compiled programs") for line in logs) == 2, logs
 
 
 @pytest.mark.slow
