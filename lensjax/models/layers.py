@@ -169,29 +169,38 @@ def relative_bias(cfg: ModelConfig, table_NH, q_pos_T, k_pos_S, bidirectional: b
 def attention(cfg: ModelConfig, q_BTNH, blocks, scale):
     """Softmax attention of q over the concatenation of key/value ``blocks``:
     ``[(k_BKSH, v_BKSH, allowed_BTS, bias_NTS or None), ...]``; grouped-query heads without
-    repeating k/v. ``scale`` multiplies q·k (a traced scalar: GPT-2's inverse-layer scaling)."""
+    repeating k/v. ``scale`` multiplies q·k (a traced scalar: GPT-2's inverse-layer scaling).
+
+    The products run as batched matmuls over (batch, kv head) with the query positions and the
+    heads of a group as the rows, [B, K, T·G, H] · [B, K, H, S]: XLA CPU runs a batched dot one
+    batch element at a time, and this layout gave it fewer and cheaper transposes than the einsum
+    over [B, T, K, G, H] that it replaced (the same numbers up to summation order). Measured on a
+    2-core Xeon, float32, a 10M Llama's attention core (4 kv heads, 2 queries each, head dim 32)
+    on 64 × 64 tokens, forward and backward: 35.9 → 21.0 ms per layer (medians of 30 interleaved
+    runs); the whole model's gradient: 1278 → 1254 ms on 64 × 64 tokens, 356 → 336 ms on 8 × 128."""
     B, T, _, H = q_BTNH.shape
     K = cfg.num_kv_heads
     G = cfg.num_heads // K
-    q = q_BTNH.reshape(B, T, K, G, H)
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     scores = []
     for k, _, allowed, bias in blocks:
-        s = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-            s = s + bias.reshape(K, G, *bias.shape[1:])[None]
-        scores.append(jnp.where(allowed[:, None, None], s, NEG_INF))
+        s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+        s = s.reshape(B, K, T, G, k.shape[2]) * scale
+        if bias is not None:  # [N, T, S] -> [K, T, G, S]
+            s = s + bias.reshape(K, G, *bias.shape[1:]).transpose(0, 2, 1, 3)[None]
+        scores.append(jnp.where(allowed[:, None, :, None, :], s, NEG_INF))
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for k, v, _, _ in blocks:
         n = k.shape[2]
-        pv = p[..., start:start + n]
+        pv = p[..., start:start + n].reshape(B, K, T * G, n)
         if v.dtype == jnp.bfloat16 and xla.f32_dots():  # float32 operands: XLA may order a bf16 dot's
             # operands so that neither YNN nor its own emitters run it (T5's cross-attention)
-            out = out + jnp.einsum("bkgts,bksh->btkgh", pv, v.astype(jnp.float32)).astype(v.dtype)
+            out = out + jnp.matmul(pv, v.astype(jnp.float32)).astype(v.dtype)
         else:
-            out = out + jnp.einsum("bkgts,bksh->btkgh", pv.astype(v.dtype), v)
+            out = out + jnp.matmul(pv.astype(v.dtype), v)
         start += n
-    return out.reshape(B, T, K * G * H)
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G * H)
 
 
 # ----------------------------------------------------------------------------------- experts
