@@ -54,6 +54,11 @@ def _token_gram(xs, gs):
     return jax.lax.map(row, (xs, gs))
 
 
+def _rows(n, per_row, limit=4 << 20):
+    """The largest divisor R of n with R · per_row floats within ``limit`` (at least 1)."""
+    return max([r for r in range(1, n + 1) if n % r == 0 and r * per_row <= limit] or [1])
+
+
 def _slicing(n, din, dout, big=32 << 20):
     """(sliced axis "d" | "e", slice count) for the per-sample weight gradients [n, d_in, d_out].
 
@@ -185,15 +190,18 @@ def _take_bwd(res, g):
     ids2, gs = ids.reshape(n, -1), g.reshape(n, -1, d).astype(F32)
     T = ids2.shape[1]
     if (n * T) ** 2 * d <= n * V * d * (1 + 2 * n):
-        # token Grams masked by id equality: K[i, j] = Σ_{t,s} [ids_it = ids_js] g_it·g_js
+        # token Grams masked by id equality: K[i, j] = Σ_{t,s} [ids_it = ids_js] g_it·g_js, for R
+        # samples' rows at a time (R·T × nT floats of at most 16 MiB)
         flat_ids, flat_g = ids2.reshape(-1), gs.reshape(n * T, d)
+        R = _rows(n, T * n * T)
 
-        def row(args):
-            ii, gi = args
-            s = jnp.matmul(gi, flat_g.T, preferred_element_type=F32) * (ii[:, None] == flat_ids[None, :])
-            return jnp.sum(s.reshape(T, n, T), axis=(0, 2))
+        def rows(args):
+            ii, gi = args  # [R, T], [R, T, d]
+            s = jnp.matmul(gi.reshape(R * T, d), flat_g.T, preferred_element_type=F32)
+            s = s * (ii.reshape(R * T, 1) == flat_ids[None, :])
+            return jnp.sum(s.reshape(R, T, n, T), axis=(1, 3))
 
-        K = jax.lax.map(row, (ids2, gs))
+        K = jax.lax.map(rows, (ids2.reshape(n // R, R, T), gs.reshape(n // R, R, T, d))).reshape(n, n)
     else:  # dense per-sample table gradients
         G = jax.vmap(lambda i, gi: jnp.zeros((V, d), F32).at[i].add(gi))(ids2, gs)
         K = _gram(G)

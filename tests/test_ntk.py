@@ -163,3 +163,30 @@ def test_tap_slices_equal_float64_per_sample_gram(monkeypatch, din, dout):
     K = np.asarray(jax.grad(f)(jnp.zeros((n, n), jnp.float32)), np.float64)
     G = np.einsum("ntd,nte->nde", x.astype(np.float64), c.astype(np.float64)).reshape(n, -1)
     np.testing.assert_allclose(K, G @ G.T, rtol=1e-5, atol=1e-5 * np.abs(G @ G.T).max())
+
+
+@pytest.mark.parametrize("limit", [1, 300, 1 << 22])
+def test_embedding_tap_rows_equal_float64_per_sample_gram(monkeypatch, limit):
+    """The token-table tap's id-masked token Grams, R samples' rows at a time (R = 1, 2 and all 6
+    here), against float64 NumPy Grams of dense per-sample table gradients; ids repeat within and
+    across samples."""
+    import functools
+
+    from lensjax.kernels import taps
+
+    monkeypatch.setattr(taps, "_rows", functools.partial(taps._rows, limit=limit))
+    n, T, V, d = 6, 5, 13, 4
+    rng = np.random.default_rng(limit)
+    ids = rng.integers(0, V, size=(n, T)).astype(np.int32)
+    ids[2, :3] = ids[0, 1]  # an id three times in one sample and once in another
+    table = rng.normal(size=(V, d)).astype(np.float32)
+    c = rng.normal(size=(n, T, d)).astype(np.float32)  # the cotangent of table[ids]
+    assert (n * T) ** 2 * d <= n * V * d * (1 + 2 * n)  # the token-Gram route
+    f = lambda acc: jnp.sum(taps.take(jnp.asarray(table), jnp.asarray(ids), acc) * c)  # noqa: E731
+    K = np.asarray(jax.grad(f)(jnp.zeros((n, n), jnp.float32)), np.float64)
+    G = np.zeros((n, V, d))
+    for i in range(n):
+        np.add.at(G[i], ids[i], c[i].astype(np.float64))
+    ref = G.reshape(n, -1) @ G.reshape(n, -1).T
+    np.testing.assert_allclose(K, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert taps._rows(n, T * n * T) == {1: 1, 300: 2, 1 << 22: 6}[limit]
