@@ -107,7 +107,8 @@ def machine() -> dict:
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "host": platform.platform(), "processor": platform.processor() or platform.machine(),
             "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "ld_preload": os.environ.get("LD_PRELOAD", "")}  # an allocator swap (tcmalloc) changes both sides' times
 
 
 def run_one(name: str, mode: str, out_dir: Path, timeout_s: float) -> dict:
@@ -266,7 +267,8 @@ def markdown(payload) -> str:
         + (f" bfloat16 (float32 accumulation): {pk['bfloat16']['gflop_s']:.0f} GFLOP/s, the peak of the bf16 rows."
            if pk.get("bfloat16") else "")
         + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else "")
-        + (f" GLIBC_TUNABLES: `{m['glibc_tunables']}`." if m.get("glibc_tunables") else ""),
+        + (f" GLIBC_TUNABLES: `{m['glibc_tunables']}`." if m.get("glibc_tunables") else "")
+        + (f" LD_PRELOAD: `{m['ld_preload']}`." if m.get("ld_preload") else ""),
         "",
         "| benchmark | task | baseline | baseline s | lensjax s | ratio | goal | met | GFLOP | MB (min) | lensjax GFLOP/s | % of peak | other load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -20,6 +20,7 @@ def test_run_all_smoke(tmp_path):
     md = (tmp_path / "benchmarks.md").read_text()
     assert set(payload["benchmarks"]) == {"fit", "forward", "ntk", "svf", "svf_buckets", "cem", "bf16_scan"}
     assert payload["peak"]["gflop_s"] > 0 and payload["machine"]["versions"]["jax"]
+    assert {"xla_flags", "glibc_tunables", "ld_preload"} <= set(payload["machine"])  # what changes both sides
     assert {r["benchmark"] for r in payload["rows"]} == set(payload["benchmarks"])
     for r in payload["rows"]:
         assert r["baseline_s"] > 0 and r["lensjax_s"] > 0 and r["ratio"] > 0, r
