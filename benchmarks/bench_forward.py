@@ -20,6 +20,8 @@ d_model 768, d_ff 3072, 12 heads, vocab 32128, tied head).
   lensjax's plain bf16 program (``_nested``: traced without ``xla.f32_dots``, compiled with XLA's
   bf16 float normalization, as before ``xla.jit(mixed="auto")``), with each side's max |Δlogit|
   from HF float32 and the compiled temporaries of both lensjax programs;
+  HF in bf16 only where PyTorch's bf16 matmul is not slow on this CPU (``--torch-bf16``,
+  ``benchmarks/torch_bf16.py``: without bf16 units one such forward takes minutes);
 * load: wall time and peak RSS of loading the GPT-2 checkpoint (float32 safetensors, ~500 MB),
   each in a fresh subprocess, vs ``transformers`` ``from_pretrained``. "peak − base" is the
   process's peak RSS minus its RSS just before the load.
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+import torch_bf16  # benchmarks/torch_bf16.py: whether HF's bf16 baseline can run on this CPU
 from lensjax.io import atomic_write
 
 
@@ -212,7 +215,8 @@ def bench_bf16_forward(path: Path, args, ids, dec, ref, hf_fwd32) -> dict:
     m16 = lensjax.load(path, tokenizer=False, dtype="bfloat16")
     cfg = m16.config
     auto = tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModelForCausalLM
-    hf16 = auto.from_pretrained(str(path), attn_implementation="sdpa", torch_dtype=torch.bfloat16).eval()
+    with_hf = args.hf_bf16["run"]
+    hf16 = auto.from_pretrained(str(path), attn_implementation="sdpa", torch_dtype=torch.bfloat16).eval() if with_hf else None
     jids = jnp.asarray(ids, jnp.int32)
     if cfg.is_encoder_decoder:  # the arguments lensjax.forward hands its jitted program, and its logits
         prog, pargs = T._forward_encdec_jit, (cfg, m16.params, jids, None, jnp.asarray(dec, jnp.int32), None)
@@ -233,14 +237,16 @@ def bench_bf16_forward(path: Path, args, ids, dec, ref, hf_fwd32) -> dict:
     def plain():
         return logits(prog._nested(*pargs)).block_until_ready()
 
-    outs = {k: np.asarray(fn(), np.float32) if k != "hf" else fn().float().numpy() for k, fn in
-            (("lensjax", lj), ("plain", plain), ("hf", hf))}  # warm-up / compile, and the logits
+    sides = (("lensjax", lj), ("plain", plain)) + ((("hf", hf),) if with_hf else ())
+    outs = {k: np.asarray(fn(), np.float32) if k != "hf" else fn().float().numpy() for k, fn in sides}  # warm-up / compile, and the logits
     r = args.repeats
-    times = {k: _median_time(fn, r) for k, fn in (("hf", hf), ("lensjax", lj), ("plain", plain))}
+    times = {k: _median_time(fn, r) for k, fn in sides}
+    times.setdefault("hf", None)
     temp = {k: int(j.lower(*pargs).compile().memory_analysis().temp_size_in_bytes)
             for k, j in (("lensjax", prog), ("plain", prog._nested))}
     return {"hf_s": times["hf"], "lensjax_s": times["lensjax"], "plain_s": times["plain"],
-            "speedup_vs_hf": times["hf"] / times["lensjax"], "speedup_vs_plain": times["plain"] / times["lensjax"],
+            "speedup_vs_hf": times["hf"] / times["lensjax"] if with_hf else None,
+            "speedup_vs_plain": times["plain"] / times["lensjax"], "hf_bf16": args.hf_bf16,
             "max_abs_logit_diff_vs_hf32": {k: float(np.abs(v - ref).max()) for k, v in outs.items()},
             "max_abs_logit_ref": float(np.abs(ref).max()),
             "temp_bytes": temp, "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(m16.params))),
@@ -299,12 +305,16 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, 2 x 16 tokens, 4 new (a test)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bfloat16-parameter forward")
+    torch_bf16.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
     if args.smoke:
         args.repeats, args.batch, args.tokens, args.new_tokens = 1, 2, 16, 4
         args.models = str(Path(args.out).parent / "models")
+    args.hf_bf16 = torch_bf16.decide(args.torch_bf16, args.smoke) if args.bf16 else None
+    if args.hf_bf16 and not args.hf_bf16["run"]:
+        print(f"HF PyTorch bf16 forward: {args.hf_bf16['reason']}", flush=True)
     only = set(args.shapes.split(",")) if args.shapes else None
     paths = make_models(Path(args.models), smoke=args.smoke, only=only)
     peak = matmul_peak(256 if args.smoke else 4096)
@@ -324,7 +334,8 @@ def main():
         print(f"{'':<12}{f'greedy {B}x{N} new (tok/s)':<28}{g['hf_tok_s']:>12.1f}{g['lensjax_tok_s']:>12.1f}{g['speedup']:>7.2f}x")
         if "forward_bf16" in r:
             h = r["forward_bf16"]
-            print(f"{'':<12}{f'forward {B}x{T}, bf16 (s)':<28}{h['hf_s']:>12.4f}{h['lensjax_s']:>12.4f}{h['speedup_vs_hf']:>7.2f}x"
+            hf_s, sp = ("skipped", "  n/a") if h["hf_s"] is None else (f"{h['hf_s']:.4f}", f"{h['speedup_vs_hf']:.2f}")
+            print(f"{'':<12}{f'forward {B}x{T}, bf16 (s)':<28}{hf_s:>12}{h['lensjax_s']:>12.4f}{sp:>7}x"
                   f"   plain bf16 program {h['plain_s']:.4f} s ({h['speedup_vs_plain']:.2f}x); temporaries "
                   f"{h['temp_bytes']['lensjax'] / 2**20:.0f} vs {h['temp_bytes']['plain'] / 2**20:.0f} MiB "
                   f"for {h['param_bytes'] / 2**20:.0f} MiB of bf16 parameters")

@@ -53,6 +53,8 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    and AdamW) against PyTorch under ``torch.autocast("cpu", torch.bfloat16)`` (bf16 matmul
    outputs too) and against PyTorch float32; each mixed run's losses are compared with PyTorch
    float32's (``max_abs_loss_diff_vs_float32``).
+   The autocast run is skipped where PyTorch's bf16 matmul is slow on this CPU (no bf16 units:
+   ``--torch-bf16``, ``benchmarks/torch_bf16.py``; the probe and the reason go to ``setup``).
    The same steps ``--steps-per-call`` k (8) at a time (``make_train_steps``: one jitted call runs
    k steps as a ``lax.scan`` over k stacked copies of the batch; ``finetune`` runs its twin with a
    per-step learning rate), in float32 and bf16 mixed: per-step time = call time / k, median over
@@ -83,6 +85,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch_bf16  # benchmarks/torch_bf16.py: whether PyTorch's bf16 baseline can run on this CPU
 
 GOALS = {"ntk_vs_loop": 5.0, "ntk_vs_func": 1.5, "train_vs_eager": 1.5}
 
@@ -426,6 +429,7 @@ def main():
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each timed section, wait up to this long for the CPUs to be <10%% busy "
                          "(for a shared machine; default 0: don't wait)")
+    torch_bf16.add_argument(ap)
     ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
     ap.add_argument("--smoke", action="store_true",
                     help="1 layer, n = 16 × T = 16, train 2 × 16, 1 repeat (for the test suite; numbers mean nothing)")
@@ -513,12 +517,14 @@ def main():
     del hf_eager
     train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
     res_train = {}
+    bf16 = torch_bf16.decide(args.torch_bf16, args.smoke)  # PyTorch's bf16 baseline only where it can run
     kc = args.steps_per_call
     runs = [("lensjax", lambda: train_lensjax(model, train_batch, args)),
             ("torch_eager", lambda: train_torch(path, train_batch, args)),
             ("torch_eager_keep", lambda: train_torch(path, train_batch, args, keep=True)),
             ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16")),
-            ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True))]
+            ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True) if bf16["run"]
+             else {"error": bf16["reason"]})]
     if kc > 1:
         runs += [("lensjax_multi", lambda: train_lensjax(model, train_batch, args, steps_per_call=kc)),
                  ("lensjax_bf16_multi", lambda: train_lensjax(model, train_batch, args, "bfloat16", kc))]
@@ -647,6 +653,7 @@ def main():
                   "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "loadavg_at_end": list(os.getloadavg()),
                   "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"},
+                  "torch_bf16": bf16,
                   "scored_positions": "lensjax's head runs on the scored positions only (logit_pos: lensjax.models.lm."
                                       "with_logit_positions; ntk_exact adds them, the ladder's batches carry them); the "
                                       "*_keep torch rows do the same with logits_to_keep, the others compute all logits"},

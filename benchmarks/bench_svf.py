@@ -36,6 +36,9 @@ What is measured (wall clock, float32, everything in one process, run one after 
       weights, ``loss.backward()``, ``torch.optim.AdamW`` step. ``torch.set_num_threads(2)``.
     Losses of both sides are recorded at every step (same weights, batch and optimiser, so the
     trajectories should agree).
+    Mixed precision, the same step: lensjax ``compute_dtype="bfloat16"`` against PyTorch float32
+    and, where PyTorch's bf16 matmul is not slow on this CPU (``--torch-bf16``,
+    ``benchmarks/torch_bf16.py``), against the same eager step under ``torch.autocast`` bf16.
 (c) Matmul peak: a 2048×2048 @ 2048×2048 float32 matmul with numpy, torch and jax (median GFLOP/s),
     and the achieved GFLOP/s of (a) and (b) from nominal FLOP counts:
     * SVD of an m×n matrix (m ≥ n): 4·m·n² + 8·n³ (Golub & Van Loan's count for Σ and V; a thin U
@@ -66,6 +69,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch_bf16  # benchmarks/torch_bf16.py: whether PyTorch's bf16 baseline can run on this CPU
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
@@ -342,6 +346,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/bench_svf.json")
     ap.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "lensjax-bench-svf"))
     ap.add_argument("--quick", action="store_true", help="fewer repeats (same shapes)")
+    torch_bf16.add_argument(ap)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer 64-wide model, batch 2 x 32, one repeat (tests)")
     args = ap.parse_args()
     if args.smoke:
@@ -378,7 +383,10 @@ def main():
     pt = bench_train_torch(hf, tdec, args.steps)
     print("(b) SVF training step, mixed precision: lensjax bf16, PyTorch autocast bf16 ...", flush=True)
     lj16 = bench_train_lensjax(model, dec, args.steps, "bfloat16")
-    pt16 = bench_train_torch(hf, tdec, args.steps, autocast=True)
+    bf16 = torch_bf16.decide(args.torch_bf16, args.smoke)  # PyTorch's bf16 baseline only where it can run
+    pt16 = bench_train_torch(hf, tdec, args.steps, autocast=True) if bf16["run"] else None
+    if pt16 is None:
+        print(f"  PyTorch autocast bf16: {bf16['reason']}", flush=True)
     fl = train_flops(hf)
 
     def drift(side):  # max relative loss difference from PyTorch float32 at the same step
@@ -393,9 +401,11 @@ def main():
              "torch_gflops_tight": fl["flops_tight"] / pt["warm_s"] / 1e9,
              # mixed precision: lensjax compute_dtype="bfloat16" against PyTorch float32 eager (the
              # table's baseline) and against torch.autocast bf16; loss drift from PyTorch float32
-             "lensjax_bf16": lj16, "torch_autocast": pt16,
-             "ratio_bf16": pt["warm_s"] / lj16["warm_s"], "ratio_bf16_vs_autocast": pt16["warm_s"] / lj16["warm_s"],
-             "loss_drift": {"lensjax_float32": loss_diff, "lensjax_bf16": drift(lj16), "torch_autocast": drift(pt16)}}
+             "lensjax_bf16": lj16, "torch_autocast": pt16 if pt16 else {"error": bf16["reason"]}, "torch_bf16": bf16,
+             "ratio_bf16": pt["warm_s"] / lj16["warm_s"],
+             "ratio_bf16_vs_autocast": pt16["warm_s"] / lj16["warm_s"] if pt16 else None,
+             "loss_drift": {"lensjax_float32": loss_diff, "lensjax_bf16": drift(lj16),
+                            **({"torch_autocast": drift(pt16)} if pt16 else {})}}
     load_end = loadavg()
 
     goals = {"svd": 1.0, "train_step": 2.0}
@@ -406,9 +416,10 @@ def main():
          train["torch_gflops"], train["lensjax_gflops"]),
         ("(b) same, lensjax bf16 mixed", pt["warm_s"], lj16["warm_s"], train["ratio_bf16"], goals["train_step"],
          train["torch_gflops"], fl["flops"] / lj16["warm_s"] / 1e9),
+    ] + ([] if pt16 is None else [
         ("(b) vs torch.autocast bf16", pt16["warm_s"], lj16["warm_s"], train["ratio_bf16_vs_autocast"], None,
          fl["flops"] / pt16["warm_s"] / 1e9, fl["flops"] / lj16["warm_s"] / 1e9),  # no goal: a like-for-like row
-    ]
+    ])
     print(f"\n{'task':<26}{'PyTorch':>10}{'lensjax':>10}{'ratio':>8}{'goal':>7}{'met?':>6}{'GF/s pt':>10}{'GF/s lj':>10}")
     for task, a, b, r, g, ga, gb in rows:
         goal, met = ("–", "") if g is None else (f"{g:.1f}x", "yes" if r >= g else "NO")

@@ -94,6 +94,25 @@ def matmul_peak(repeats: int = 5, dtype: str = "float32") -> dict:
     return {"n": n, "dtype": dtype, "seconds": float(np.median(ts)), "gflop_s": 2 * n ** 3 / float(np.median(ts)) / 1e9}
 
 
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name and its bfloat16 features (x86 ``avx512_bf16`` / ``amx_bf16``, Arm
+    ``bf16``) where ``/proc/cpuinfo`` says (Linux); empty elsewhere. The rows' ratios depend on
+    them: a CPU without bf16 units runs PyTorch's bf16 baselines on a slow path (they are skipped,
+    benchmarks/torch_bf16.py) and lensjax's bf16 programs through float32."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.split(":", 1)[0].strip() in ("model name", "Processor", "CPU part")), None)
+    flags = set()
+    for ln in text.splitlines():
+        if ln.split(":", 1)[0].strip() in ("flags", "Features"):
+            flags |= set(ln.split(":", 1)[1].split())
+    return {"cpu_model": model, "cpu_bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})}
+
+
 def machine() -> dict:
     import jax
 
@@ -108,7 +127,8 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "host": platform.platform(), "processor": platform.processor() or platform.machine(),
             "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", "")}  # an allocator swap (tcmalloc) changes both sides' times
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # an allocator swap (tcmalloc) changes both sides' times
+            **cpu_info()}
 
 
 def run_one(name: str, mode: str, out_dir: Path, timeout_s: float) -> dict:
@@ -160,8 +180,9 @@ def rows_forward(r):
                         f.get("flops"), wbytes, FORMULAS["forward"]))
         if "forward_bf16" in m:  # bfloat16 parameters (bf16 peak): against HF bf16 and lensjax's plain program
             h, flops = m["forward_bf16"], f.get("flops")
-            out.append(_row("forward", f"{name} forward {B}x{T}, bf16 params", "HF PyTorch bf16", h["hf_s"],
-                            h["lensjax_s"], None, flops, h["param_bytes"], FORMULAS["forward"], precision="bfloat16"))
+            if h.get("hf_s") is not None:  # skipped where PyTorch's bf16 is slow (benchmarks/torch_bf16.py)
+                out.append(_row("forward", f"{name} forward {B}x{T}, bf16 params", "HF PyTorch bf16", h["hf_s"],
+                                h["lensjax_s"], None, flops, h["param_bytes"], FORMULAS["forward"], precision="bfloat16"))
             out.append(_row("forward", f"{name} forward {B}x{T}, bf16 params", "lensjax plain bf16 program",
                             h["plain_s"], h["lensjax_s"], None, flops, h["param_bytes"], FORMULAS["forward"],
                             precision="bfloat16", temp_bytes=h["temp_bytes"]))
@@ -211,10 +232,11 @@ def rows_svf(r):
         _row("svf", f"SVF step {r['batch'][0]}x{r['batch'][1]}, bf16 mixed", "PyTorch eager", tr["torch"]["warm_s"],
              tr["lensjax_bf16"]["warm_s"], r["goals"]["train_step"], tr["flop_estimate"]["flops"], 2 * P * 4,
              FORMULAS["svf_step"], precision="bfloat16", loss_drift=tr["loss_drift"]["lensjax_bf16"]),
+    ] + ([] if "warm_s" not in tr.get("torch_autocast", {}) else [  # skipped where PyTorch's bf16 is slow
         _row("svf", f"SVF step {r['batch'][0]}x{r['batch'][1]}, bf16 mixed", "PyTorch autocast bf16",
              tr["torch_autocast"]["warm_s"], tr["lensjax_bf16"]["warm_s"], None, tr["flop_estimate"]["flops"], 2 * P * 4,
              FORMULAS["svf_step"], precision="bfloat16", loss_drift=tr["loss_drift"]["torch_autocast"]),
-    ])
+    ]))
 
 
 def rows_svf_buckets(r):
@@ -260,7 +282,9 @@ def markdown(payload) -> str:
     m, pk = payload["machine"], payload["peak"]
     v = m["versions"]
     lines = [
-        f"Device: {m['device_kind']} ({m['platform']}, {m['device_count']} device(s)), {m['cpu_count']} CPUs; "
+        f"Device: {m['device_kind']} ({m['platform']}, {m['device_count']} device(s)), {m['cpu_count']} CPUs"
+        + (f" ({m['cpu_model']}; bf16 units: {', '.join(m.get('cpu_bf16_flags') or []) or 'none'})" if m.get("cpu_model") else "")
+        + "; "
         f"jax {v['jax']}, torch {v['torch']}, transformers {v['transformers']}; {payload['date']}; mode {payload['mode']}.",
         f"Matmul peak measured in this run (float32 2048³ jnp.matmul): {pk['gflop_s']:.0f} GFLOP/s "
         f"(before {pk['before']['gflop_s']:.0f}, after {pk['after']['gflop_s']:.0f})."

@@ -66,3 +66,69 @@ def test_run_all_smoke(tmp_path):
     # the same products rounded to bf16: one bf16 step apart at most where summation order differs
     assert scan["scan"]["max_rel_diff_stacked_outputs"] <= 2 ** -7 and scan["scan"]["rel_diff_sum"] < 1e-5
     assert scan["train_step"]["max_abs_loss_diff"] < 1e-4  # the option changes no arithmetic
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_torch_bf16_decision(monkeypatch):
+    """PyTorch's bf16 baselines run where its bf16 matmul keeps up with float32 and are skipped,
+    with the measured rates in the reason, where it does not (a CPU without bf16 units)."""
+    tb = _bench_module("torch_bf16")
+    slow = {"float32_gflop_s": 68.0, "bfloat16_gflop_s": 0.8, "ratio": 0.8 / 68.0}
+    fast = {"float32_gflop_s": 250.0, "bfloat16_gflop_s": 900.0, "ratio": 3.6}
+    monkeypatch.setattr(tb, "probe", lambda: slow)
+    d = tb.decide("auto")
+    assert not d["run"] and "0.8 GFLOP/s" in d["reason"] and "68.0" in d["reason"] and d["probe"] == slow
+    assert tb.decide("on")["run"] and tb.decide("auto", smoke=True)["run"]  # smoke: tiny shapes, the code path
+    assert not tb.decide("off")["run"]
+    monkeypatch.setattr(tb, "probe", lambda: fast)
+    assert tb.decide("auto")["run"]
+
+
+def test_torch_bf16_probe_measures_both_types():
+    pytest.importorskip("torch")
+    p = _bench_module("torch_bf16").probe(n=64, repeats=3)
+    assert p["float32_gflop_s"] > 0 and p["bfloat16_gflop_s"] > 0
+    assert p["ratio"] == pytest.approx(p["bfloat16_gflop_s"] / p["float32_gflop_s"])
+
+
+def test_tables_without_the_skipped_bf16_baselines():
+    """run_all's rows from JSONs whose PyTorch bf16 baselines were skipped: no row for them, the
+    other rows intact."""
+    ra = _bench_module("run_all")
+    fwd = {"settings": {"batch": 8, "tokens": 128, "new_tokens": 64}, "models": {"m": {
+        "params": 1000, "batch": [8, 128], "new_tokens": 64,
+        "forward_s": {"hf": 2.0, "lensjax": 1.0, "flops": 1e9},
+        "generate": {"hf_tok_s": 10.0, "lensjax_tok_s": 20.0},
+        "forward_bf16": {"hf_s": None, "lensjax_s": 0.5, "plain_s": 0.6, "param_bytes": 2000, "temp_bytes": {}}}}}
+    rows = ra.rows_forward(fwd)
+    assert [r["baseline"] for r in rows] == ["HF PyTorch", "lensjax plain bf16 program", "HF generate"]
+    assert rows[1]["ratio"] == pytest.approx(1.2)
+    tr = {"flop_estimate": {"flops": 1e9, "non_embedding_matmul_params": 100}, "torch": {"warm_s": 4.0},
+          "lensjax": {"warm_s": 2.0}, "lensjax_bf16": {"warm_s": 1.0}, "torch_autocast": {"error": "skipped: ..."},
+          "loss_drift": {"lensjax_float32": 0.0, "lensjax_bf16": 1e-3}}
+    svf = {"svd": {"leaf_shapes_lensjax": {"a": [2, 8, 4]}, "n_matrices": 2, "torch_warm_s": 1.0, "lensjax_warm_s": 0.5,
+                   "flops": 1e6}, "train_step": tr, "params": 100, "batch": [8, 256], "goals": {"svd": 1.0, "train_step": 2.0}}
+    rows = ra.rows_svf(svf)
+    assert [r["baseline"] for r in rows] == ["torch.linalg.svd loop", "PyTorch eager", "PyTorch eager"]
+    assert [r["ratio"] for r in rows] == [2.0, 2.0, 4.0]
+    assert ra.cpu_info("/nonexistent") == {}
+
+
+def test_cpu_info_reads_model_and_bf16_flags(tmp_path):
+    ra = _bench_module("run_all")
+    x86 = tmp_path / "x86"  # the lines of a real /proc/cpuinfo (trimmed), two processors
+    x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+                   "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n"
+                   "model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    assert ra.cpu_info(str(x86)) == {"cpu_model": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
+                                     "cpu_bf16_flags": ["amx_bf16", "avx512_bf16"]}
+    amd = tmp_path / "amd"
+    amd.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma\n")
+    assert ra.cpu_info(str(amd)) == {"cpu_model": "AMD EPYC", "cpu_bf16_flags": []}
