@@ -118,6 +118,11 @@ def test_tables_without_the_skipped_bf16_baselines():
     rows = ra.rows_svf(svf)
     assert [r["baseline"] for r in rows] == ["torch.linalg.svd loop", "PyTorch eager", "PyTorch eager"]
     assert [r["ratio"] for r in rows] == [2.0, 2.0, 4.0]
+    ntk = {"setup": {"params": 100, "ntk_n": 4}, "ntk": {"flops": 1e9}, "train_step": {"flops": 1e9}, "table": [
+        {"task": "AdamW step 8x128", "baseline": "PyTorch eager", "baseline_s": 1.0, "lensjax_s": 0.5, "goal": 1.5},
+        {"task": "AdamW step 8x128, bf16 mixed", "baseline": "PyTorch autocast bf16", "baseline_s": None,
+         "lensjax_s": 0.4, "goal": None}]}
+    assert [(r["task"], r["ratio"]) for r in ra.rows_ntk(ntk)] == [("AdamW step 8x128", 2.0)]
     assert ra.cpu_info("/nonexistent") == {}
 
 
