@@ -104,12 +104,14 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict:
             text = fh.read()
     except OSError:
         return {}
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                  if ln.split(":", 1)[0].strip() in ("model name", "Processor", "CPU part")), None)
-    flags = set()
+    model, flags = None, set()
     for ln in text.splitlines():
-        if ln.split(":", 1)[0].strip() in ("flags", "Features"):
-            flags |= set(ln.split(":", 1)[1].split())
+        key, _, value = ln.partition(":")
+        key = key.strip()
+        if key in ("model name", "Processor") and model is None:  # x86; older Arm kernels
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags |= set(value.split())
     return {"cpu_model": model, "cpu_bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})}
 
 
