@@ -55,6 +55,8 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    float32's (``max_abs_loss_diff_vs_float32``).
    The autocast run is skipped where PyTorch's bf16 matmul is slow on this CPU (no bf16 units:
    ``--torch-bf16``, ``benchmarks/torch_bf16.py``; the probe and the reason go to ``setup``).
+   ``--no-bf16`` leaves every mixed-precision run out (``run_all.py --quick`` does on a CPU
+   without bf16 units, where the goal does not count bf16).
    The same steps ``--steps-per-call`` k (8) at a time (``make_train_steps``: one jitted call runs
    k steps as a ``lax.scan`` over k stacked copies of the batch; ``finetune`` runs its twin with a
    per-step learning rate), in float32 and bf16 mixed: per-step time = call time / k, median over
@@ -430,6 +432,8 @@ def main():
                     help="before each timed section, wait up to this long for the CPUs to be <10%% busy "
                          "(for a shared machine; default 0: don't wait)")
     torch_bf16.add_argument(ap)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the bf16 mixed-precision steps (run_all.py --quick does on a CPU without bf16 units)")
     ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
     ap.add_argument("--smoke", action="store_true",
                     help="1 layer, n = 16 × T = 16, train 2 × 16, 1 repeat (for the test suite; numbers mean nothing)")
@@ -517,17 +521,20 @@ def main():
     del hf_eager
     train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
     res_train = {}
-    bf16 = torch_bf16.decide(args.torch_bf16, args.smoke)  # PyTorch's bf16 baseline only where it can run
+    bf16 = (torch_bf16.decide(args.torch_bf16, args.smoke) if args.bf16  # PyTorch's bf16 baseline only where it can run
+            else {"run": False, "reason": "skipped: --no-bf16", "probe": None})
     kc = args.steps_per_call
+    no_bf16 = {"error": "skipped: --no-bf16"}
     runs = [("lensjax", lambda: train_lensjax(model, train_batch, args)),
             ("torch_eager", lambda: train_torch(path, train_batch, args)),
             ("torch_eager_keep", lambda: train_torch(path, train_batch, args, keep=True)),
-            ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16")),
+            ("lensjax_bf16", lambda: train_lensjax(model, train_batch, args, "bfloat16") if args.bf16 else dict(no_bf16)),
             ("torch_autocast", lambda: train_torch(path, train_batch, args, autocast=True) if bf16["run"]
              else {"error": bf16["reason"]})]
     if kc > 1:
         runs += [("lensjax_multi", lambda: train_lensjax(model, train_batch, args, steps_per_call=kc)),
-                 ("lensjax_bf16_multi", lambda: train_lensjax(model, train_batch, args, "bfloat16", kc))]
+                 ("lensjax_bf16_multi", lambda: train_lensjax(model, train_batch, args, "bfloat16", kc)
+                  if args.bf16 else dict(no_bf16))]
     for name, fn in runs:
         try:
             wait_idle(args.wait_idle)
@@ -577,6 +584,8 @@ def main():
         (f"AdamW step {args.train_batch}x{args.train_seq}, bf16 mixed, {kc} steps per call", "PyTorch eager, logits_to_keep",
          res_train["torch_eager_keep"], res_train["lensjax_bf16_multi"], None),
     ])
+    if not args.bf16:  # --no-bf16: no mixed-precision rows at all
+        rows = [row for row in rows if "bf16" not in row[0]]
     table = []
     fmt = lambda r: f"{r['time_s']:.4f}" if "time_s" in r else "n/a"  # noqa: E731
     print(f"\n{'task':<48}{'baseline':<31}{'base (s)':>10}{'lensjax (s)':>13}{'ratio':>8}{'goal':>7}  met?")
@@ -653,7 +662,7 @@ def main():
                   "transformers": tf.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "loadavg_at_end": list(os.getloadavg()),
                   "torch_attention": {"loop": "sdpa", "func": "eager", "train": "sdpa"},
-                  "torch_bf16": bf16,
+                  "torch_bf16": bf16, "bf16_rows": args.bf16,
                   "scored_positions": "lensjax's head runs on the scored positions only (logit_pos: lensjax.models.lm."
                                       "with_logit_positions; ntk_exact adds them, the ladder's batches carry them); the "
                                       "*_keep torch rows do the same with logits_to_keep, the others compute all logits"},

@@ -39,6 +39,8 @@ What is measured (wall clock, float32, everything in one process, run one after 
     Mixed precision, the same step: lensjax ``compute_dtype="bfloat16"`` against PyTorch float32
     and, where PyTorch's bf16 matmul is not slow on this CPU (``--torch-bf16``,
     ``benchmarks/torch_bf16.py``), against the same eager step under ``torch.autocast`` bf16.
+    ``--no-bf16`` leaves the mixed-precision step out (``run_all.py --quick`` does on a CPU
+    without bf16 units, where the goal does not count bf16).
 (c) Matmul peak: a 2048×2048 @ 2048×2048 float32 matmul with numpy, torch and jax (median GFLOP/s),
     and the achieved GFLOP/s of (a) and (b) from nominal FLOP counts:
     * SVD of an m×n matrix (m ≥ n): 4·m·n² + 8·n³ (Golub & Van Loan's count for Σ and V; a thin U
@@ -55,7 +57,8 @@ What is measured (wall clock, float32, everything in one process, run one after 
 Goals printed beside the ratios (PyTorch time / lensjax time): (a) ≥ 1.0×, (b) ≥ 2×.
 The 1-minute load average at the start and end of the measurement is recorded (the machine is
 shared; run it when ``/proc/loadavg`` is below 1). ``--quick`` keeps every shape and only cuts the
-repeats of the SVF step and the matmul peak (the SVD keeps its 3 warm calls). The JSON is written atomically.
+repeats of the SVF step and the matmul peak (the SVD keeps its 3 warm calls) and leaves out the
+gesdd diagnostic. The JSON is written atomically.
 """
 
 from __future__ import annotations
@@ -189,19 +192,22 @@ def bench_svd(model, hf, args) -> tuple[dict, object, dict]:
     from lensjax.models.tree import flatten
 
     leaves = [flatten(model.params)[p] for p in dec.paths]
-    jax.block_until_ready(svd_kernel.decompose(leaves[0], "gesdd"))
-    t0 = time.perf_counter()
-    jax.block_until_ready([svd_kernel.decompose(w, "gesdd") for w in leaves])
-    lj_gesdd = time.perf_counter() - t0
+    lj_gesdd = None
+    if not args.quick or args.smoke:  # --quick leaves it out (≈ 20 s on a 2-core EPYC); --smoke keeps the code path
+        jax.block_until_ready(svd_kernel.decompose(leaves[0], "gesdd"))
+        t0 = time.perf_counter()
+        jax.block_until_ready([svd_kernel.decompose(w, "gesdd") for w in leaves])
+        lj_gesdd = time.perf_counter() - t0
     # accuracy of lensjax's factors, in float64: reconstruction and orthogonality
     rec, orth = 0.0, 0.0
     for p, w in zip(dec.paths, leaves):
         u, sv, vt = (np.asarray(x, np.float64) for x in (dec.u[p], dec.s[p], dec.vt[p]))
         w64 = np.asarray(w, np.float64)
-        rec = max(rec, float(np.linalg.norm(np.einsum("lir,lr,lro->lio", u, sv, vt) - w64) / np.linalg.norm(w64)))
+        # batched float64 matmuls (BLAS), not np.einsum: its C loops took ≈ 2 minutes of this check
+        rec = max(rec, float(np.linalg.norm((u * sv[:, None, :]) @ vt - w64) / np.linalg.norm(w64)))
         eye = np.eye(sv.shape[-1])
-        orth = max(orth, float(np.abs(np.einsum("lir,lis->lrs", u, u) - eye).max()),
-                   float(np.abs(np.einsum("lro,lso->lrs", vt, vt) - eye).max()))
+        orth = max(orth, float(np.abs(np.swapaxes(u, 1, 2) @ u - eye).max()),
+                   float(np.abs(vt @ np.swapaxes(vt, 1, 2) - eye).max()))
     res = {
         "n_matrices": len(mats), "flops": flops,
         "lensjax_first_call_s": lj_first, "lensjax_warm_s": float(np.median(lj_warm)), "lensjax_warm_all_s": lj_warm,
@@ -347,6 +353,8 @@ def main():
     ap.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "lensjax-bench-svf"))
     ap.add_argument("--quick", action="store_true", help="fewer repeats (same shapes)")
     torch_bf16.add_argument(ap)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the bf16 mixed-precision step (run_all.py --quick does on a CPU without bf16 units)")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer 64-wide model, batch 2 x 32, one repeat (tests)")
     args = ap.parse_args()
     if args.smoke:
@@ -381,12 +389,16 @@ def main():
     lj = bench_train_lensjax(model, dec, args.steps)
     print("(b) SVF training step: PyTorch eager ...", flush=True)
     pt = bench_train_torch(hf, tdec, args.steps)
-    print("(b) SVF training step, mixed precision: lensjax bf16, PyTorch autocast bf16 ...", flush=True)
-    lj16 = bench_train_lensjax(model, dec, args.steps, "bfloat16")
-    bf16 = torch_bf16.decide(args.torch_bf16, args.smoke)  # PyTorch's bf16 baseline only where it can run
-    pt16 = bench_train_torch(hf, tdec, args.steps, autocast=True) if bf16["run"] else None
-    if pt16 is None:
-        print(f"  PyTorch autocast bf16: {bf16['reason']}", flush=True)
+    lj16 = pt16 = bf16 = None
+    if args.bf16:
+        print("(b) SVF training step, mixed precision: lensjax bf16, PyTorch autocast bf16 ...", flush=True)
+        lj16 = bench_train_lensjax(model, dec, args.steps, "bfloat16")
+        bf16 = torch_bf16.decide(args.torch_bf16, args.smoke)  # PyTorch's bf16 baseline only where it can run
+        pt16 = bench_train_torch(hf, tdec, args.steps, autocast=True) if bf16["run"] else None
+        if pt16 is None:
+            print(f"  PyTorch autocast bf16: {bf16['reason']}", flush=True)
+    else:
+        print("(b) SVF training step, mixed precision: skipped (--no-bf16)", flush=True)
     fl = train_flops(hf)
 
     def drift(side):  # max relative loss difference from PyTorch float32 at the same step
@@ -399,13 +411,14 @@ def main():
              "max_rel_loss_diff_same_step": loss_diff,
              "lensjax_gflops_tight": fl["flops_tight"] / lj["warm_s"] / 1e9,
              "torch_gflops_tight": fl["flops_tight"] / pt["warm_s"] / 1e9,
-             # mixed precision: lensjax compute_dtype="bfloat16" against PyTorch float32 eager (the
-             # table's baseline) and against torch.autocast bf16; loss drift from PyTorch float32
-             "lensjax_bf16": lj16, "torch_autocast": pt16 if pt16 else {"error": bf16["reason"]}, "torch_bf16": bf16,
-             "ratio_bf16": pt["warm_s"] / lj16["warm_s"],
-             "ratio_bf16_vs_autocast": pt16["warm_s"] / lj16["warm_s"] if pt16 else None,
-             "loss_drift": {"lensjax_float32": loss_diff, "lensjax_bf16": drift(lj16),
-                            **({"torch_autocast": drift(pt16)} if pt16 else {})}}
+             "loss_drift": {"lensjax_float32": loss_diff}}
+    if lj16 is not None:
+        # mixed precision: lensjax compute_dtype="bfloat16" against PyTorch float32 eager (the
+        # table's baseline) and against torch.autocast bf16; loss drift from PyTorch float32
+        train.update({"lensjax_bf16": lj16, "torch_autocast": pt16 if pt16 else {"error": bf16["reason"]},
+                      "torch_bf16": bf16, "ratio_bf16": pt["warm_s"] / lj16["warm_s"],
+                      "ratio_bf16_vs_autocast": pt16["warm_s"] / lj16["warm_s"] if pt16 else None})
+        train["loss_drift"].update({"lensjax_bf16": drift(lj16), **({"torch_autocast": drift(pt16)} if pt16 else {})})
     load_end = loadavg()
 
     goals = {"svd": 1.0, "train_step": 2.0}
@@ -414,9 +427,10 @@ def main():
          svd["torch_gflops"], svd["lensjax_gflops"]),
         (f"(b) SVF step {B}x{T} (s)", pt["warm_s"], lj["warm_s"], train["ratio"], goals["train_step"],
          train["torch_gflops"], train["lensjax_gflops"]),
+    ] + ([] if lj16 is None else [
         ("(b) same, lensjax bf16 mixed", pt["warm_s"], lj16["warm_s"], train["ratio_bf16"], goals["train_step"],
          train["torch_gflops"], fl["flops"] / lj16["warm_s"] / 1e9),
-    ] + ([] if pt16 is None else [
+    ]) + ([] if pt16 is None else [
         ("(b) vs torch.autocast bf16", pt16["warm_s"], lj16["warm_s"], train["ratio_bf16_vs_autocast"], None,
          fl["flops"] / pt16["warm_s"] / 1e9, fl["flops"] / lj16["warm_s"] / 1e9),  # no goal: a like-for-like row
     ])
@@ -432,9 +446,11 @@ def main():
           f"{fl['tokens']} + 3·{fl['recompose_fwd_flops'] / 1e9:.0f} G = {fl['flops'] / 1e9:.0f} G "
           f"(tight count {fl['flops_tight'] / 1e9:.0f} G: {train['torch_gflops_tight']:.1f} / "
           f"{train['lensjax_gflops_tight']:.1f} GF/s PyTorch / lensjax)")
+    gesdd = svd["diagnostic_lensjax_gesdd_s"]
     print(f"lensjax factors: reconstruction {svd['lensjax_reconstruction_rel']:.1e} (relative, float64), orthogonality "
-          f"{svd['lensjax_orthogonality']:.1e}; diagnostic: the batched gesdd path {svd['diagnostic_lensjax_gesdd_s']:.2f} s"
-          f" (lensjax warm {svd['lensjax_warm_s']:.2f} s; warm calls lensjax {[round(x, 2) for x in svd['lensjax_warm_all_s']]},"
+          f"{svd['lensjax_orthogonality']:.1e}; diagnostic: the batched gesdd path "
+          + ("not timed (--quick)" if gesdd is None else f"{gesdd:.2f} s")
+          + f" (lensjax warm {svd['lensjax_warm_s']:.2f} s; warm calls lensjax {[round(x, 2) for x in svd['lensjax_warm_all_s']]},"
           f" torch {[round(x, 2) for x in svd['torch_warm_all_s']]})")
     print(f"max rel σ diff {svd['max_rel_singular_value_diff']:.1e}; losses lensjax {[round(x, 3) for x in lj['losses']]}"
           f" torch {[round(x, 3) for x in pt['losses']]} (max rel diff {loss_diff:.1e})")

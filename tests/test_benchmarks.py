@@ -118,6 +118,8 @@ def test_tables_without_the_skipped_bf16_baselines():
     rows = ra.rows_svf(svf)
     assert [r["baseline"] for r in rows] == ["torch.linalg.svd loop", "PyTorch eager", "PyTorch eager"]
     assert [r["ratio"] for r in rows] == [2.0, 2.0, 4.0]
+    tr32 = {k: v for k, v in tr.items() if k not in ("lensjax_bf16", "torch_autocast")}  # --no-bf16
+    assert [r["baseline"] for r in ra.rows_svf({**svf, "train_step": tr32})] == ["torch.linalg.svd loop", "PyTorch eager"]
     ntk = {"setup": {"params": 100, "ntk_n": 4}, "ntk": {"flops": 1e9}, "train_step": {"flops": 1e9}, "table": [
         {"task": "AdamW step 8x128", "baseline": "PyTorch eager", "baseline_s": 1.0, "lensjax_s": 0.5, "goal": 1.5},
         {"task": "AdamW step 8x128, bf16 mixed", "baseline": "PyTorch autocast bf16", "baseline_s": None,
@@ -137,3 +139,45 @@ def test_cpu_info_reads_model_and_bf16_flags(tmp_path):
     amd = tmp_path / "amd"
     amd.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma\n")
     assert ra.cpu_info(str(amd)) == {"cpu_model": "AMD EPYC", "cpu_bf16_flags": []}
+
+
+def test_bf16_rows_left_out_of_quick_only_on_a_cpu_without_bf16_units(tmp_path, monkeypatch):
+    """run_all's --bf16-rows auto: lensjax's own bf16 rows stay in the full and smoke runs and on
+    CPUs with bf16 units or another backend; --quick on a CPU without them passes --no-bf16 to the
+    benchmarks that take it and does not start the all-bf16 one."""
+    ra = _bench_module("run_all")
+    epyc = {"platform": "cpu", "cpu_model": "AMD EPYC", "cpu_bf16_flags": []}
+    amx = {"platform": "cpu", "cpu_model": "Intel(R) Xeon(R)", "cpu_bf16_flags": ["amx_bf16", "avx512_bf16"]}
+    d = ra.bf16_rows("quick", "auto", epyc)
+    assert not d["run"] and "AMD EPYC" in d["reason"] and "--bf16-rows on" in d["reason"]
+    assert ra.bf16_rows("full", "auto", epyc)["run"] and ra.bf16_rows("smoke", "off", epyc)["run"]
+    assert ra.bf16_rows("quick", "auto", amx)["run"] and ra.bf16_rows("quick", "on", epyc)["run"]
+    assert ra.bf16_rows("quick", "auto", {**epyc, "platform": "gpu"})["run"]
+    assert ra.bf16_rows("quick", "auto", {"platform": "cpu"})["run"]  # no /proc/cpuinfo: nothing known, keep them
+    assert not ra.bf16_rows("full", "off", amx)["run"]
+
+    calls = []
+
+    class Done:
+        returncode, stdout = 0, ""
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return Done()
+
+    monkeypatch.setattr(ra.subprocess, "run", fake_run)
+    rec = ra.run_one("ntk", "quick", tmp_path, 60, d)
+    assert "--no-bf16" in calls[-1] and rec["command"].endswith("--quick --no-bf16") and "error" in rec  # no JSON written
+    ra.run_one("fit", "quick", tmp_path, 60, d)
+    assert "--no-bf16" not in calls[-1]
+    n = len(calls)
+    rec = ra.run_one("bf16_scan", "quick", tmp_path, 60, d)
+    assert len(calls) == n and rec["skipped"] == d["reason"] and "error" not in rec
+    ra.run_one("ntk", "quick", tmp_path, 60, ra.bf16_rows("quick", "auto", amx))
+    assert "--no-bf16" not in calls[-1]
+    payload = {"machine": {"device_kind": "cpu", "platform": "cpu", "device_count": 1, "cpu_count": 2, **epyc,
+                           "versions": {"jax": "x", "torch": "y", "transformers": "z"}},
+               "peak": {"gflop_s": 100.0, "before": {"gflop_s": 100.0}, "after": {"gflop_s": 90.0}},
+               "date": "today", "mode": "quick", "bf16_rows": d, "rows": [], "benchmarks": {"bf16_scan": rec}}
+    md = ra.markdown(payload)
+    assert d["reason"] in md and "failed" not in md
