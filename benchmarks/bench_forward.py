@@ -26,7 +26,8 @@ d_model 768, d_ff 3072, 12 heads, vocab 32128, tied head).
   each in a fresh subprocess, vs ``transformers`` ``from_pretrained``. "peak − base" is the
   process's peak RSS minus its RSS just before the load.
 
-Prints a table with lensjax/HF ratios and writes JSON (atomically).
+``--quick`` (``run_all.py --quick``): 2 repeats (1 for generation), 32 new tokens, a 2048³ peak
+and no load section. Prints a table with lensjax/HF ratios and writes JSON (atomically).
 """
 
 from __future__ import annotations
@@ -298,17 +299,20 @@ def main():
     ap.add_argument("--out", default="docs/bench_forward.json")
     ap.add_argument("--models", default=os.environ.get("LENSJAX_BENCH_MODELS", str(Path(tempfile.gettempdir()) / "lensjax-bench-models")))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (64; --quick 32)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--shapes", default=None, help="comma-separated subset of the shapes")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 repeats (1 for generation), 32 new tokens, a 2048³ peak, no load section (run_all.py --quick)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, 2 x 16 tokens, 4 new (a test)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bfloat16-parameter forward")
     torch_bf16.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
+        args.new_tokens = args.new_tokens or 32
+    args.new_tokens = args.new_tokens or 64
     if args.smoke:
         args.repeats, args.batch, args.tokens, args.new_tokens = 1, 2, 16, 4
         args.models = str(Path(args.out).parent / "models")
@@ -317,12 +321,12 @@ def main():
         print(f"HF PyTorch bf16 forward: {args.hf_bf16['reason']}", flush=True)
     only = set(args.shapes.split(",")) if args.shapes else None
     paths = make_models(Path(args.models), smoke=args.smoke, only=only)
-    peak = matmul_peak(256 if args.smoke else 4096)
+    peak = matmul_peak(256 if args.smoke else 2048 if args.quick else 4096)
     results = {name: bench_compute(p, args) for name, p in paths.items()}
     for r in results.values():
         r["forward_s"]["lensjax_fraction_of_peak"] = r["forward_s"]["lensjax_gflop_s"] / peak
     first = next(iter(paths.values()))
-    load = bench_load(paths.get("gpt2-124M", first))
+    load = None if args.quick and not args.smoke else bench_load(paths.get("gpt2-124M", first))  # not a table row
 
     B, T, N = args.batch, args.tokens, args.new_tokens
     print(f"\nmeasured float32 matmul peak: {peak:.0f} GFLOP/s")
@@ -341,12 +345,13 @@ def main():
                   f"for {h['param_bytes'] / 2**20:.0f} MiB of bf16 parameters")
         print(f"{'':<12}compile: forward {f['lensjax_compile_s']:.1f} s, generate {g['lensjax_compile_s']:.1f} s; "
               f"max |Δlogit| {f['max_abs_logit_diff']:.2e}; greedy agreement {g['greedy_token_agreement']:.3f}")
-    mb = load["file_bytes"] / 2**20
-    print(f"\nload {Path(paths.get('gpt2-124M', first)).name} ({mb:.0f} MiB safetensors):")
-    for which in ("lensjax", "hf"):
-        r = load[which]
-        print(f"  {which:<8} wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
-              f"peak − base {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB = {r['peak_minus_base_over_file']:.2f}x file")
+    if load is not None:
+        mb = load["file_bytes"] / 2**20
+        print(f"\nload {Path(paths.get('gpt2-124M', first)).name} ({mb:.0f} MiB safetensors):")
+        for which in ("lensjax", "hf"):
+            r = load[which]
+            print(f"  {which:<8} wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
+                  f"peak − base {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB = {r['peak_minus_base_over_file']:.2f}x file")
     import jax
     import torch
     import transformers

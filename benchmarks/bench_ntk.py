@@ -434,12 +434,14 @@ def main():
     torch_bf16.add_argument(ap)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",
                     help="skip the bf16 mixed-precision steps (run_all.py --quick does on a CPU without bf16 units)")
-    ap.add_argument("--quick", action="store_true", help="1 NTK repeat, 4 timed train steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 NTK repeat, 4 timed train steps, no per-sample-gradient breakdown (run_all.py --quick)")
     ap.add_argument("--smoke", action="store_true",
                     help="1 layer, n = 16 × T = 16, train 2 × 16, 1 repeat (for the test suite; numbers mean nothing)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.train_repeats, args.train_warmup = 1, 4, 1
+        args.breakdown = args.smoke  # the J-alone timing (the table's "J Jᵀ part" row): ≈ 12 s on 2 cores
     if args.smoke:
         args.layers, args.n, args.seq, args.train_batch, args.train_seq = 1, 16, 16, 2, 16
         args.repeats, args.train_repeats, args.train_warmup = 1, 1, 0

@@ -43,8 +43,10 @@ BENCHES = {
     "forward": ("bench_forward.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "ntk": ("bench_ntk.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
     "svf": ("bench_svf.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
-    "svf_buckets": ("bench_svf_buckets.py", {"full": [], "quick": ["--steps", "8"], "smoke": ["--smoke"]}),
-    "cem": ("bench_cem.py", {"full": [], "quick": ["--repeats", "1"], "smoke": ["--smoke"]}),
+    "svf_buckets": ("bench_svf_buckets.py", {"full": [], "quick": ["--steps", "5"], "smoke": ["--smoke"]}),
+    # --quick: the experiment's own regime and the largest workload (the middle one adds ≈ 25 s)
+    "cem": ("bench_cem.py", {"full": [], "quick": ["--repeats", "1", "--workloads", "tiny-short", "small"],
+                             "smoke": ["--smoke"]}),
     "bf16_scan": ("bench_bf16_scan.py", {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}),
 }
 # lensjax's own bf16 rows: the benchmarks that take --no-bf16, and the one that is all bf16

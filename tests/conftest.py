@@ -58,3 +58,23 @@ def _release_programs_when_crowded():
     from lensjax import programs
 
     programs.release_if_crowded(0.25)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests that share no module- or session-scoped fixture run first (their order kept).
+
+    The two xdist workers take tests in collection order; when one of the long script and
+    subprocess tests (run_all --smoke: 300 s on a 2-core EPYC) started late, the other worker
+    sat idle at the end of the run (13% of both cores' time over a 25.7-min .ci/run,
+    2026-12-07). Started first, they overlap with the short tests instead. Tests that share a
+    module fixture keep their place, so no fixture is built more often than before."""
+
+    def shares_fixture(item):
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+        return any(d[-1].scope in ("module", "package", "session") and d[-1].baseid  # ours, not pytest's own
+                   and not d[-1].argname.startswith("_") for d in defs.values() if d)
+
+    first = [it for it in items if it.get_closest_marker("slow") and not shares_fixture(it)]
+    if first:
+        chosen = set(map(id, first))
+        items[:] = first + [it for it in items if id(it) not in chosen]

@@ -26,14 +26,11 @@ def _ref_fit(args):
     return ref.fit_one(*args, repeats=1)  # the reference's 3 repeats are identical
 
 
-@pytest.mark.slow
-def test_ours_at_least_as_good_as_reference_on_95_percent():
-    probs = _problems()
-    assert len(probs) == 420
+def _check(probs):
     with mp.get_context("spawn").Pool(2) as pool:
         res = pool.map(_ref_fit, probs, chunksize=10)
-    m = max(len(p[0]) for p in probs)
-    d = np.ones((420, m)); y = np.ones((420, m)); mask = np.zeros((420, m), bool)
+    n, m = len(probs), max(len(p[0]) for p in probs)
+    d = np.ones((n, m)); y = np.ones((n, m)); mask = np.zeros((n, m), bool)
     for i, (x, l) in enumerate(probs):
         d[i, : len(x)], y[i, : len(x)], mask[i, : len(x)] = x, l, True
     ours = fit_curves("rectified", d, y, mask)
@@ -48,3 +45,20 @@ def test_ours_at_least_as_good_as_reference_on_95_percent():
     ours_ref = fit_curves("rectified", np.where(d > 0, d, ref.ZERO), y, mask)
     own = np.array([l for _, l in res])
     assert (ours_ref.objective <= own * (1 + 1e-9)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_ours_at_least_as_good_as_reference_on_every_third_fit():
+    """.ci/run's share: every third of the 420 problems (140: both sets, every ratio, 10 of each
+    set's 30 models per ratio, a different 10 from ratio to ratio), ≈ 40 s instead of 120 s on 2 cores."""
+    probs = [p for i, p in enumerate(_problems()) if (i % 30 + i // 30) % 3 == 0]  # 30 models per (set, ratio)
+    assert len(probs) == 140
+    _check(probs)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # all 420 SciPy reference fits: ≈ 120 s of 2 cores (2026-12-07 EPYC); the slow test runs a third
+def test_ours_at_least_as_good_as_reference_on_95_percent():
+    probs = _problems()
+    assert len(probs) == 420
+    _check(probs)
