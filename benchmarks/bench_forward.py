@@ -311,8 +311,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.repeats = 2
-        args.new_tokens = args.new_tokens or 32
-    args.new_tokens = args.new_tokens or 64
+    args.new_tokens = args.new_tokens or (32 if args.quick else 64)
     if args.smoke:
         args.repeats, args.batch, args.tokens, args.new_tokens = 1, 2, 16, 4
         args.models = str(Path(args.out).parent / "models")

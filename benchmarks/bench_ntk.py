@@ -523,10 +523,10 @@ def main():
     del hf_eager
     train_batch = make_batch(rng, args.train_batch, args.train_seq, 8192)
     res_train = {}
-    bf16 = (torch_bf16.decide(args.torch_bf16, args.smoke) if args.bf16  # PyTorch's bf16 baseline only where it can run
-            else {"run": False, "reason": "skipped: --no-bf16", "probe": None})
-    kc = args.steps_per_call
     no_bf16 = {"error": "skipped: --no-bf16"}
+    bf16 = (torch_bf16.decide(args.torch_bf16, args.smoke) if args.bf16  # PyTorch's bf16 baseline only where it can run
+            else {"run": False, "reason": no_bf16["error"], "probe": None})
+    kc = args.steps_per_call
     runs = [("lensjax", lambda: train_lensjax(model, train_batch, args)),
             ("torch_eager", lambda: train_torch(path, train_batch, args)),
             ("torch_eager_keep", lambda: train_torch(path, train_batch, args, keep=True)),

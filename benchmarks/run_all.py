@@ -159,8 +159,9 @@ def bf16_rows(mode: str, choice: str, info: dict) -> dict:
 def run_one(name: str, mode: str, out_dir: Path, timeout_s: float, bf16: dict | None = None) -> dict:
     script, modes = BENCHES[name]
     out = out_dir / f"{name}.json"
-    extra = ["--no-bf16"] if bf16 is not None and not bf16["run"] and name in BF16_FLAG else []
-    if bf16 is not None and not bf16["run"] and name in BF16_ONLY:
+    no_bf16 = bf16 is not None and not bf16["run"]
+    extra = ["--no-bf16"] if no_bf16 and name in BF16_FLAG else []
+    if no_bf16 and name in BF16_ONLY:
         print(f"\n=== {name}: {bf16['reason']}", flush=True)
         return {"command": " ".join(["python", f"benchmarks/{script}", *modes[mode]]), "skipped": bf16["reason"]}
     cmd = [sys.executable, str(HERE / script), *modes[mode], *extra, "--out", str(out)]
