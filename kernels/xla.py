@@ -147,7 +147,11 @@ class _Jit:
         self._nested = jax.jit(fun, **kwargs)  # inside another trace: options belong to the outer program
         self._checked: dict = {}  # signature -> whether it runs with the mixed options (_accepts)
         self._lock = threading.Lock()
-        functools.update_wrapper(self, fun)
+        # the name, docstring and __wrapped__ only: copying fun.__dict__ (update_wrapper's default)
+        # would overwrite self.fun with the .fun attribute that jax.custom_vjp / custom_jvp objects
+        # carry, and which jax.grad / value_and_grad copy onto their wrappers: the program would
+        # then compute the undifferentiated function
+        functools.update_wrapper(self, fun, updated=())
 
     def _kind(self, leaves) -> bool:
         """True where the program gets the mixed-precision options: always for ``mixed=True``;

@@ -191,3 +191,29 @@ def test_bfloat16_parameters_run_without_float32_copies_of_the_weights(tmp_path)
     assert list(sampler._generate._checked.values()) == [True]
     first = np.asarray(lensjax.forward(m16.config, m16.params, ids[:, :8]))[:, -1].argmax(-1)
     np.testing.assert_array_equal(g[:, 8], first)
+
+
+def test_jit_of_the_gradient_of_a_custom_vjp_function_computes_the_gradient():
+    """jax.grad / value_and_grad copy a custom_vjp (or custom_jvp) object's attributes, its
+    primal ``fun`` among them, onto their wrapper; xla.jit must still run the wrapper itself (it
+    once ran the primal and returned the bare loss). Checked against NumPy's float64 gradient of
+    the same function, on any backend."""
+
+    @jax.custom_vjp
+    def loss(x):
+        return jnp.sum(jnp.exp(x) * x)
+
+    loss.defvjp(lambda x: (jnp.sum(jnp.exp(x) * x), x), lambda x, g: (g * jnp.exp(x) * (1.0 + x),))
+
+    @jax.custom_jvp
+    def soft(x):
+        return jnp.log1p(jnp.exp(x))
+
+    soft.defjvps(lambda t, y, x: t / (1.0 + jnp.exp(-x)))
+
+    x = np.linspace(-1.0, 1.0, 7)
+    value, grad = xla.jit(jax.value_and_grad(loss))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(value, np.sum(np.exp(x) * x), rtol=1e-5)
+    np.testing.assert_allclose(grad, np.exp(x) * (1.0 + x), rtol=1e-5)
+    np.testing.assert_allclose(xla.jit(jax.grad(soft))(jnp.float32(0.5)), 1.0 / (1.0 + np.exp(-0.5)), rtol=1e-6)
+    assert xla.jit(jax.grad(loss)).__name__ == jax.grad(loss).__name__
