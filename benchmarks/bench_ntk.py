@@ -66,6 +66,14 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    runtime maps fresh memory for each call's temporaries (≈ 240 MB here) and faults it in 4 KiB
    at a time, once per call.
 
+3. What bounds lensjax's float32 step (``step_bounds`` in the JSON; ``--no-step-bounds`` skips it;
+   ``benchmarks/step_bounds.py``): the k-steps-per-call program traced with ``jax.profiler`` over
+   ``--profile-calls`` calls, its op time per step by kind (element-wise fusions, copies, zero-filled
+   scan stacks, ...; XLA CPU's Eigen dots run asynchronously and are traced by their launch only),
+   and the step's weight products (forward, input and weight gradients of every matrix, the head
+   on the scored positions) timed alone in XLA with lensjax's options, in PyTorch and in NumPy:
+   how long the dots alone take at each library's rates for these shapes.
+
 Also reported: the time of J Jᵀ alone on the torch sides and of lensjax's per-sample-gradient
 stage alone (``ntk.jacobian_rows``, a separate program; ``--no-breakdown`` skips it), and the share
 of CPU time other processes used during each timed section (the box is shared: oversubscribed
@@ -87,6 +95,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import step_bounds  # benchmarks/step_bounds.py: the step's dot shapes alone and its trace by kind of op
 import torch_bf16  # benchmarks/torch_bf16.py: whether PyTorch's bf16 baseline can run on this CPU
 
 GOALS = {"ntk_vs_loop": 5.0, "ntk_vs_func": 1.5, "train_vs_eager": 1.5}
@@ -376,6 +385,67 @@ def train_lensjax(model, batch_np, args, compute_dtype: str = "float32", steps_p
             "steps_per_call": k}
 
 
+def train_bounds(model, batch_np, args) -> dict:
+    """What bounds lensjax's float32 step (``step_bounds``): the k-steps-per-call program traced
+    over ``args.profile_calls`` calls, its op time by kind, and the step's weight products timed
+    alone in XLA, PyTorch and NumPy (``--no-step-bounds`` skips it)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lensjax.models.lm import with_logit_positions
+    from lensjax.selection.finetune import make_train_steps
+
+    k = max(args.steps_per_call, 1)
+    batch = {key: jnp.asarray(v) for key, v in with_logit_positions(batch_np).items()}
+    head_rows = int(batch["logit_pos"].size) if "logit_pos" in batch else None
+    tokens = int(batch["ids"].size)
+    batch = jax.tree.map(lambda a: jnp.stack([a] * k), batch)
+    tx = optax.adamw(args.lr)
+    step = make_train_steps(model.config, tx)
+    params = jax.tree.map(jnp.copy, model.params)
+    opt_state = tx.init(params)
+    hlo = step.lower(params, opt_state, batch).compile().as_text()
+    state = [params, opt_state]
+    for _ in range(2):  # compile, then one warm call
+        state[0], state[1], _ = jax.block_until_ready(step(state[0], state[1], batch))
+
+    def run():
+        for _ in range(args.profile_calls):
+            state[0], state[1], _ = jax.block_until_ready(step(state[0], state[1], batch))
+
+    out = {"steps_per_call": k, "tokens": tokens, "head_rows": head_rows,
+           "profile": step_bounds.profile(run, hlo, args.profile_calls * k)}
+    out["dots"] = step_bounds.time_dot_shapes(step_bounds.dot_shapes(model.params, tokens, head_rows),
+                                              repeats=args.dot_repeats, torch_threads=2)
+    return out
+
+
+def print_bounds(b: dict, multi: dict, eager: dict) -> None:
+    """The step-bounds summary: op time by kind, the dots alone at each library's rates, and the
+    slowest shapes."""
+    if "error" in b:
+        print(f"step bounds: {b['error']}")
+        return
+    p, d = b["profile"], b["dots"]
+    if "error" in p:
+        print(f"step bounds, trace: {p['error']}")
+    else:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["ms_per_step"].items() if v >= 0.05)
+        print(f"step bounds ({b['steps_per_call']} steps per call, traced over {p['steps']} steps): "
+              f"{p['wall_ms_per_step']:.1f} ms per step; op time by kind, ms per step over {p['threads']} threads: {kinds}"
+              f" (non-dot ops {p['non_dot_op_ms_per_step']:.1f}; Eigen dots are traced by their launch only)")
+    alone = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in d["dots_alone_s"].items())
+    print(f"  the step's weight products alone ({d['gflop']:.1f} GFLOP; {d['left_out']} left out), at each library's "
+          f"rates: {alone}" + (f"; lensjax's whole step {1e3 * multi['time_s']:.0f} ms" if "time_s" in multi else "")
+          + (f", PyTorch eager's {1e3 * eager['time_s']:.0f} ms" if "time_s" in eager else ""))
+    libs = list(d["shapes"][0]["gflop_s"]) if d["shapes"] else []
+    print(f"  {'layout':<7}{'M x K x N':>20}{'count':>7}{'GFLOP':>8}" + "".join(f"{lib + ' GF/s':>13}" for lib in libs))
+    for r in d["shapes"]:
+        print(f"  {r['layout']:<7}{r['M']:>8} x{r['K']:>5} x{r['N']:>5}{r['count']:>7}{r['gflop']:>8.2f}"
+              + "".join(f"{r['gflop_s'][lib]:>13.1f}" for lib in libs) + f"   {','.join(r['weights'])}")
+
+
 def train_torch(path, batch_np, args, autocast: bool = False, keep: bool = False) -> dict:
     """``autocast``: the forward pass under ``torch.autocast("cpu", torch.bfloat16)`` (PyTorch's
     mixed precision: bf16 matmuls with bf16 outputs; float32 weights and AdamW). ``keep``: the
@@ -426,6 +496,11 @@ def main():
     ap.add_argument("--steps-per-call", type=int, default=8,
                     help="also time lensjax's k-steps-per-call program (make_train_steps; finetune runs its scheduled twin); "
                          "times are per step; 1: skip")
+    ap.add_argument("--no-step-bounds", dest="step_bounds", action="store_false",
+                    help="skip what-bounds-the-step: the traced k-step program by kind of op and the step's dot "
+                         "shapes timed alone in XLA, PyTorch and NumPy (benchmarks/step_bounds.py)")
+    ap.add_argument("--profile-calls", type=int, default=2, help="traced calls of the k-step program (step bounds)")
+    ap.add_argument("--dot-repeats", type=int, default=20, help="timed runs of each dot shape (step bounds; median)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip timing lensjax's per-sample-gradient stage (jacobian_rows) on its own")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -441,11 +516,13 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.train_repeats, args.train_warmup = 1, 4, 1
+        args.profile_calls, args.dot_repeats = 1, 10
         args.breakdown = args.smoke  # the J-alone timing (the table's "J Jᵀ part" row): ≈ 12 s on 2 cores
     if args.smoke:
         args.layers, args.n, args.seq, args.train_batch, args.train_seq = 1, 16, 16, 2, 16
         args.repeats, args.train_repeats, args.train_warmup = 1, 1, 0
         args.steps_per_call = min(args.steps_per_call, 2)
+        args.profile_calls, args.dot_repeats = 1, 2
 
     import jax
     import torch
@@ -648,6 +725,17 @@ def main():
     if "max_abs_loss_diff" in res_train:
         print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
 
+    bounds = {"error": "skipped: --no-step-bounds"}
+    if args.step_bounds:
+        try:
+            wait_idle(args.wait_idle)
+            with OtherLoad() as ol:
+                bounds = train_bounds(model, train_batch, args)
+            bounds["other_cpu_load"] = ol.fraction
+        except Exception as e:  # a diagnostic: report and keep the rows
+            bounds = {"error": f"{type(e).__name__}: {e}"}
+    print_bounds(bounds, res_train.get("lensjax_multi", {}), res_train.get("torch_eager", {}))
+
     busy = {k: r.get("other_cpu_load", 0.0) for k, r in [*res_ntk.items(), *[(f"train_{a}", b) for a, b in res_train.items()
                                                                               if isinstance(b, dict)]]}
     if max(busy.values(), default=0.0) > 0.10:
@@ -672,6 +760,7 @@ def main():
                 "lensjax_head_positions": k_ntk, "lensjax_head_flops_skipped": head_skipped_ntk},
         "train_step": {**res_train, "flops": train_flops, "lensjax_head_positions": k_tr,
                        "lensjax_head_flops_skipped": head_skipped_train},
+        "step_bounds": bounds,
         "table": table,
         "goals": GOALS,
     }

@@ -336,6 +336,17 @@ def markdown(payload) -> str:
             f"{_fmt(r['ratio'], '.2f')}× | {_fmt(r['goal'], 'g')} | {met} | {_fmt(r['flops'] and r['flops'] / 1e9, '.1f')} | "
             f"{_fmt(r['bytes'] and r['bytes'] / 1e6, '.0f')} | {_fmt(r['lensjax_gflop_s'], '.1f')} | "
             f"{_fmt(r['fraction_of_peak'] and 100 * r['fraction_of_peak'], '.0f')} | {100 * r['other_cpu_load']:.0f}% |")
+    sb = ((payload["benchmarks"].get("ntk") or {}).get("result") or {}).get("step_bounds") or {}
+    if "dots" in sb:  # bench_ntk.py: what bounds the float32 AdamW step (benchmarks/step_bounds.py)
+        pr, d = sb["profile"], sb["dots"]
+        alone = ", ".join(f"{lib} {1e3 * t:.0f} ms" for lib, t in d["dots_alone_s"].items())
+        lines.append(f"\nWhat bounds the float32 AdamW step ({sb['steps_per_call']} steps per call): its weight products "
+                     f"alone ({d['gflop']:.1f} GFLOP) take {alone} at each library's rates for their shapes"
+                     + ("" if "error" in pr else
+                        f"; in a trace of the step ({pr['wall_ms_per_step']:.0f} ms per step) its other ops take "
+                        f"{pr['non_dot_op_ms_per_step']:.0f} ms per step over {pr['threads']} threads ("
+                        + ", ".join(f"{k} {v:.0f}" for k, v in pr["ms_per_step"].items() if k != "dot launches" and v >= 0.5)
+                        + ")") + ".")
     b16 = payload.get("bf16_rows") or {}
     if b16.get("run") is False:
         lines.append(f"\nlensjax's bf16 rows: {b16['reason']}.")

@@ -45,6 +45,10 @@ def test_run_all_smoke(tmp_path):
     multi = res_of["ntk"]["train_step"]["lensjax_multi"]  # k steps per call: the same steps as PyTorch's
     assert multi["steps_per_call"] == 2 and multi["loss_steps_compared"] >= 2
     assert multi["max_abs_loss_diff_vs_float32"] < 1e-4
+    bounds = res_of["ntk"]["step_bounds"]  # what bounds the step: its dots alone, its trace by kind of op
+    assert bounds["dots"]["shapes"] and min(bounds["dots"]["dots_alone_s"].values()) > 0
+    assert "error" in bounds["profile"] or bounds["profile"]["wall_ms_per_step"] > 0
+    assert "What bounds the float32 AdamW step" in md
 
     svf = res_of["svf"]
     assert svf["svd"]["lensjax_reconstruction_rel"] < 1e-5 and svf["svd"]["lensjax_orthogonality"] < 1e-5
