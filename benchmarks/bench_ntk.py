@@ -405,17 +405,18 @@ def train_bounds(model, batch_np, args) -> dict:
     step = make_train_steps(model.config, tx)
     params = jax.tree.map(jnp.copy, model.params)
     opt_state = tx.init(params)
-    hlo = step.lower(params, opt_state, batch).compile().as_text()
+    compiled = step.lower(params, opt_state, batch).compile()  # one compile: its text and the program traced
+    hlo = compiled.as_text()
     state = [params, opt_state]
-    for _ in range(2):  # compile, then one warm call
-        state[0], state[1], _ = jax.block_until_ready(step(state[0], state[1], batch))
 
-    def run():
-        for _ in range(args.profile_calls):
-            state[0], state[1], _ = jax.block_until_ready(step(state[0], state[1], batch))
+    def run(calls):
+        for _ in range(calls):
+            state[0], state[1], _ = jax.block_until_ready(compiled(state[0], state[1], batch))
+
+    run(1)  # warm: XLA's first execution of a program maps and faults in its buffers
 
     out = {"steps_per_call": k, "tokens": tokens, "head_rows": head_rows,
-           "profile": step_bounds.profile(run, hlo, args.profile_calls * k)}
+           "profile": step_bounds.profile(lambda: run(args.profile_calls), hlo, args.profile_calls * k)}
     out["dots"] = step_bounds.time_dot_shapes(step_bounds.dot_shapes(model.params, tokens, head_rows),
                                               repeats=args.dot_repeats, torch_threads=2)
     return out
@@ -510,13 +511,14 @@ def main():
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",
                     help="skip the bf16 mixed-precision steps (run_all.py --quick does on a CPU without bf16 units)")
     ap.add_argument("--quick", action="store_true",
-                    help="1 NTK repeat, 4 timed train steps, no per-sample-gradient breakdown (run_all.py --quick)")
+                    help="1 NTK repeat, 4 timed train steps, no per-sample-gradient breakdown and no step bounds "
+                         "(run_all.py --quick)")
     ap.add_argument("--smoke", action="store_true",
                     help="1 layer, n = 16 × T = 16, train 2 × 16, 1 repeat (for the test suite; numbers mean nothing)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.train_repeats, args.train_warmup = 1, 4, 1
-        args.profile_calls, args.dot_repeats = 1, 10
+        args.step_bounds = args.smoke  # a diagnostic, not a row: ≈ 40 s on 2 cores (the default run has it)
         args.breakdown = args.smoke  # the J-alone timing (the table's "J Jᵀ part" row): ≈ 12 s on 2 cores
     if args.smoke:
         args.layers, args.n, args.seq, args.train_batch, args.train_seq = 1, 16, 16, 2, 16
@@ -725,7 +727,8 @@ def main():
     if "max_abs_loss_diff" in res_train:
         print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
 
-    bounds = {"error": "skipped: --no-step-bounds"}
+    bounds = {"error": "skipped: --quick (a diagnostic; the default run has it)" if args.quick and not args.smoke
+              else "skipped: --no-step-bounds"}
     if args.step_bounds:
         try:
             wait_idle(args.wait_idle)
