@@ -30,6 +30,7 @@ import json
 import re
 import tempfile
 import time
+import timeit
 
 import numpy as np
 
@@ -65,14 +66,10 @@ def dot_shapes(params, tokens: int, head_rows: int | None = None) -> list[dict]:
 
 
 def _median_s(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after two warm ones."""
     fn()
     fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.median(timeit.repeat(fn, repeat=repeats, number=1)))
 
 
 def time_dot_shapes(shapes: list[dict], repeats: int = 20, torch_threads: int | None = None) -> dict:
