@@ -423,8 +423,8 @@ def train_bounds(model, batch_np, args) -> dict:
 
 
 def print_bounds(b: dict, multi: dict, eager: dict) -> None:
-    """The step-bounds summary: op time by kind, the dots alone at each library's rates, and the
-    slowest shapes."""
+    """The step-bounds summary: op time by kind, the dots alone at each library's rates, and every
+    shape's rates (largest share of the FLOPs first)."""
     if "error" in b:
         print(f"step bounds: {b['error']}")
         return
