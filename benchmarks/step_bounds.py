@@ -92,27 +92,27 @@ def time_dot_shapes(shapes: list[dict], repeats: int = 20, torch_threads: int | 
         torch.set_num_threads(torch_threads)
     eqs = {"NN": "mk,kn->mn", "NT": "mk,nk->mn", "TN": "km,kn->mn"}
     rng = np.random.default_rng(0)
-    rows, total = [], {"xla": 0.0, "torch": 0.0, "numpy": 0.0}
+    rows, total = [], {}
     for e in shapes:
         M, K, N, lay = e["M"], e["K"], e["N"], e["layout"]
-        a = rng.standard_normal({"NN": (M, K), "NT": (M, K), "TN": (K, M)}[lay], dtype=np.float32)
-        b = rng.standard_normal({"NN": (K, N), "NT": (N, K), "TN": (K, N)}[lay], dtype=np.float32)
+        # the operands as stored ([K, M] for TN, [N, K] for NT); ``ops`` views them as [M, K] and [K, N]
+        a = rng.standard_normal((K, M) if lay == "TN" else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if lay == "NT" else (K, N), dtype=np.float32)
+        ops = lambda x, y, lay=lay: (x.T if lay == "TN" else x, y.T if lay == "NT" else y)  # noqa: E731
         flop = 2 * M * K * N
         f = xla.jit(lambda x, y, eq=eqs[lay]: jnp.einsum(eq, x, y))
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         r = dict(e, gflop_s={"xla": flop / _median_s(lambda: f(ja, jb).block_until_ready(), repeats) / 1e9})
         if cpu:
-            na, nb = (a.T if lay == "TN" else a), (b.T if lay == "NT" else b)
+            na, nb = ops(a, b)
             r["gflop_s"]["numpy"] = flop / _median_s(lambda: na @ nb, repeats) / 1e9
             if torch is not None:
-                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-                ta, tb = (ta.T if lay == "TN" else ta), (tb.T if lay == "NT" else tb)
+                ta, tb = ops(torch.from_numpy(a), torch.from_numpy(b))
                 r["gflop_s"]["torch"] = flop / _median_s(lambda: ta @ tb, repeats) / 1e9
         for lib, rate in r["gflop_s"].items():
-            total[lib] += e["gflop"] / rate
+            total[lib] = total.get(lib, 0.0) + e["gflop"] / rate
         rows.append(r)
-    return {"shapes": rows, "dots_alone_s": {k: v for k, v in total.items() if k in rows[0]["gflop_s"]} if rows else {},
-            "gflop": sum(e["gflop"] for e in shapes), "repeats": repeats,
+    return {"shapes": rows, "dots_alone_s": total, "gflop": sum(e["gflop"] for e in shapes), "repeats": repeats,
             "left_out": "the attention's batched QKᵀ and PV products, the embedding gather"}
 
 
@@ -122,7 +122,7 @@ def kind_of(name: str) -> str:
         return "dot launches"
     if name.startswith("wrapped_broadcast"):
         return "zero-fill broadcasts"
-    if name.startswith("while") or name.startswith("conditional") or name.startswith("call"):
+    if name.startswith(("while", "conditional", "call")):
         return "loop control"
     if "dynamic-update-slice" in name:
         return "dynamic-update-slices"

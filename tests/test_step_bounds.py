@@ -2,28 +2,14 @@
 program summed by kind of op (counted against hand-derived shapes and a hand-built trace; no
 assertion on time)."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sb():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import step_bounds
-    finally:
-        sys.path.pop(0)
-    return step_bounds
+import step_bounds as sb  # benchmarks/ is on sys.path (tests/conftest.py)
 
 
-def test_dot_shapes_of_a_stacked_llama_like_tree(sb):
+def test_dot_shapes_of_a_stacked_llama_like_tree():
     """3 layers stacked [3, d_in, d_out], an embedding (no product) and a head on 6 of 16 tokens:
     three products per weight, counted per layer, equal shapes merged."""
     z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
@@ -42,7 +28,7 @@ def test_dot_shapes_of_a_stacked_llama_like_tree(sb):
     assert total == pytest.approx(3 * 2 * (16 * 3 * (64 + 64 + 160 + 160) + 6 * 400) / 1e9)
 
 
-def test_dot_shapes_are_timed_on_every_library(sb):
+def test_dot_shapes_are_timed_on_every_library():
     shapes = sb.dot_shapes({"lm_head": {"w": np.zeros((16, 32), np.float32)}}, 8)
     r = sb.time_dot_shapes(shapes, repeats=1, torch_threads=1)
     libs = {"xla", "numpy", "torch"} if jax.default_backend() == "cpu" else {"xla"}
@@ -50,7 +36,7 @@ def test_dot_shapes_are_timed_on_every_library(sb):
     assert set(r["dots_alone_s"]) == libs and r["gflop"] == pytest.approx(3 * 2 * 8 * 16 * 32 / 1e9)
 
 
-def test_kinds_of_xla_cpu_op_names(sb):
+def test_kinds_of_xla_cpu_op_names():
     k = sb.kind_of
     assert [k(n) for n in ("dot.10", "dot_general.84", "wrapped_broadcast.6", "bitcast_dynamic-update-slice_fusion.2",
                            "copy_bitcast_fusion.6", "transpose_copy_fusion.2", "wrapped_copy.1", "wrapped_reduce-window.14",
@@ -60,7 +46,7 @@ def test_kinds_of_xla_cpu_op_names(sb):
         "loop control", "other ops"]
 
 
-def test_trace_summary_counts_only_the_programs_ops_per_step(sb):
+def test_trace_summary_counts_only_the_programs_ops_per_step():
     ev = [{"ph": "X", "name": "dot.1", "dur": 400.0, "tid": 1},
           {"ph": "X", "name": "add_fusion", "dur": 3000.0, "tid": 1},
           {"ph": "X", "name": "add_fusion", "dur": 1000.0, "tid": 2},
@@ -75,7 +61,7 @@ def test_trace_summary_counts_only_the_programs_ops_per_step(sb):
     assert s["top_ops_ms_per_step"][0] == ["add_fusion", 2.0]
 
 
-def test_profile_of_a_jitted_program(sb):
+def test_profile_of_a_jitted_program():
     f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
     x = jnp.ones((64, 32))
     f(x).block_until_ready()
