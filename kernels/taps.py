@@ -108,15 +108,24 @@ def _matmul_fwd(x, w, acc, f32_out):
     return _matmul2d(x, w, f32_out), (x, w)
 
 
+def plan(n: int, T: int, din: int, dout: int) -> tuple[str, str, int]:
+    """How a dense tap computes its block of K for n samples of T positions and a [d_in, d_out]
+    weight: ``("per_sample", axis, pieces)`` (per-sample gradients in ``pieces`` slices along d_in
+    "d" or d_out "e", each Gram-reduced: :func:`_slicing`) or ``("token", "", 1)`` (token Grams),
+    whichever costs fewer FLOPs (module notes)."""
+    per_sample = 2.0 * n * T * din * dout + 2.0 * n * n * din * dout
+    token = 2.0 * (n * T) ** 2 * (din + dout)
+    if per_sample <= token:
+        return ("per_sample", *_slicing(n, din, dout))
+    return ("token", "", 1)
+
+
 def _matmul_bwd(f32_out, res, g):
     x, w = res
     n, din, dout = x.shape[0], w.shape[0], w.shape[1]
     xs, gs = x.reshape(n, -1, din), g.reshape(n, -1, dout).astype(x.dtype)
-    T = xs.shape[1]
-    per_sample = 2.0 * n * T * din * dout + 2.0 * n * n * din * dout
-    token = 2.0 * (n * T) ** 2 * (din + dout)
-    if per_sample <= token:
-        axis, nb = _slicing(n, din, dout)
+    route, axis, nb = plan(n, xs.shape[1], din, dout)
+    if route == "per_sample":
         if nb == 1:
             K = _gram(jnp.einsum("ntd,nte->nde", xs, gs, preferred_element_type=F32))
         else:  # G in slices, each Gram-reduced at once (measured 94 -> 64 ms on 64 x [256, 1024])
@@ -126,7 +135,7 @@ def _matmul_bwd(f32_out, res, g):
                 return k + _gram(jnp.einsum(eq, b, other, preferred_element_type=F32)), None
 
             m = sl.shape[-1]
-            blocks = sl.reshape(n, T, nb, m // nb).transpose(2, 0, 1, 3)
+            blocks = sl.reshape(n, xs.shape[1], nb, m // nb).transpose(2, 0, 1, 3)
             K = jax.lax.scan(body, jnp.zeros((n, n), F32), blocks)[0]
     else:
         K = _token_gram(xs, gs)
