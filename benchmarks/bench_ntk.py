@@ -74,6 +74,11 @@ One run, one model: a ~10.1M-parameter Llama with random weights (vocab 8192, hi
    on the scored positions) timed alone in XLA with lensjax's options, in PyTorch and in NumPy:
    how long the dots alone take at each library's rates for these shapes.
 
+4. What bounds lensjax's exact NTK (``ntk_bounds``; ``--no-ntk-bounds`` skips it;
+   ``benchmarks/ntk_bounds.py``): ``ntk_exact`` timed with each parameter group (MLP, attention,
+   head, embedding tables) left out and with the norms only (the model's own forward and backward),
+   and the dense taps' ``[n, M] · [M, n]`` Grams timed alone in XLA, PyTorch and NumPy.
+
 Also reported: the time of J Jᵀ alone on the torch sides and of lensjax's per-sample-gradient
 stage alone (``ntk.jacobian_rows``, a separate program; ``--no-breakdown`` skips it), and the share
 of CPU time other processes used during each timed section (the box is shared: oversubscribed
@@ -95,6 +100,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import ntk_bounds  # benchmarks/ntk_bounds.py: the exact NTK's blocks by parameter group, its Grams alone
 import step_bounds  # benchmarks/step_bounds.py: the step's dot shapes alone and its trace by kind of op
 import torch_bf16  # benchmarks/torch_bf16.py: whether PyTorch's bf16 baseline can run on this CPU
 
@@ -440,10 +446,15 @@ def print_bounds(b: dict, multi: dict, eager: dict) -> None:
     print(f"  the step's weight products alone ({d['gflop']:.1f} GFLOP; {d['left_out']} left out), at each library's "
           f"rates: {alone}" + (f"; lensjax's whole step {1e3 * multi['time_s']:.0f} ms" if "time_s" in multi else "")
           + (f", PyTorch eager's {1e3 * eager['time_s']:.0f} ms" if "time_s" in eager else ""))
+    print_shapes(d)
+
+
+def print_shapes(d: dict) -> None:
+    """The table of ``step_bounds.time_dot_shapes``: every shape's rates in each library."""
     libs = list(d["shapes"][0]["gflop_s"]) if d["shapes"] else []
-    print(f"  {'layout':<7}{'M x K x N':>20}{'count':>7}{'GFLOP':>8}" + "".join(f"{lib + ' GF/s':>13}" for lib in libs))
+    print(f"  {'layout':<7}{'M x K x N':>24}{'count':>7}{'GFLOP':>8}" + "".join(f"{lib + ' GF/s':>13}" for lib in libs))
     for r in d["shapes"]:
-        print(f"  {r['layout']:<7}{r['M']:>8} x{r['K']:>5} x{r['N']:>5}{r['count']:>7}{r['gflop']:>8.2f}"
+        print(f"  {r['layout']:<7}{r['M']:>8} x{r['K']:>7} x{r['N']:>7}{r['count']:>7}{r['gflop']:>8.2f}"
               + "".join(f"{r['gflop_s'][lib]:>13.1f}" for lib in libs) + f"   {','.join(r['weights'])}")
 
 
@@ -500,6 +511,9 @@ def main():
     ap.add_argument("--no-step-bounds", dest="step_bounds", action="store_false",
                     help="skip what-bounds-the-step: the traced k-step program by kind of op and the step's dot "
                          "shapes timed alone in XLA, PyTorch and NumPy (benchmarks/step_bounds.py)")
+    ap.add_argument("--no-ntk-bounds", dest="ntk_bounds", action="store_false",
+                    help="skip what-bounds-the-NTK: ntk_exact with each parameter group left out, and the taps' "
+                         "Grams timed alone in XLA, PyTorch and NumPy (benchmarks/ntk_bounds.py)")
     ap.add_argument("--profile-calls", type=int, default=2, help="traced calls of the k-step program (step bounds)")
     ap.add_argument("--dot-repeats", type=int, default=20, help="timed runs of each dot shape (step bounds; median)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
@@ -519,6 +533,7 @@ def main():
     if args.quick:
         args.repeats, args.train_repeats, args.train_warmup = 1, 4, 1
         args.step_bounds = args.smoke  # a diagnostic, not a row: ≈ 40 s on 2 cores (the default run has it)
+        args.ntk_bounds = args.smoke  # likewise: ≈ 50 s on a 2-core Xeon
         args.breakdown = args.smoke  # the J-alone timing (the table's "J Jᵀ part" row): ≈ 12 s on 2 cores
     if args.smoke:
         args.layers, args.n, args.seq, args.train_batch, args.train_seq = 1, 16, 16, 2, 16
@@ -739,6 +754,25 @@ def main():
             bounds = {"error": f"{type(e).__name__}: {e}"}
     print_bounds(bounds, res_train.get("lensjax_multi", {}), res_train.get("torch_eager", {}))
 
+    nb = {"error": "skipped: --quick (a diagnostic; the default run has it)" if args.quick and not args.smoke
+          else "skipped: --no-ntk-bounds"}
+    if args.ntk_bounds:
+        try:
+            import jax.numpy as jnp
+
+            wait_idle(args.wait_idle)
+            with OtherLoad() as ol:
+                nb = ntk_bounds.measure(model.config, model.params, {k: jnp.asarray(v) for k, v in probe.items()},
+                                        args.repeats, args.dot_repeats)
+            nb["other_cpu_load"] = ol.fraction
+        except Exception as e:  # a diagnostic: report and keep the rows
+            nb = {"error": f"{type(e).__name__}: {e}"}
+    if "error" in nb:
+        print(f"NTK bounds: {nb['error']}")
+    else:
+        print(f"NTK bounds: {ntk_bounds.summary(nb)}.")
+        print_shapes(nb["grams"])
+
     busy = {k: r.get("other_cpu_load", 0.0) for k, r in [*res_ntk.items(), *[(f"train_{a}", b) for a, b in res_train.items()
                                                                               if isinstance(b, dict)]]}
     if max(busy.values(), default=0.0) > 0.10:
@@ -764,6 +798,7 @@ def main():
         "train_step": {**res_train, "flops": train_flops, "lensjax_head_positions": k_tr,
                        "lensjax_head_flops_skipped": head_skipped_train},
         "step_bounds": bounds,
+        "ntk_bounds": nb,
         "table": table,
         "goals": GOALS,
     }

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import ntk_bounds  # benchmarks/ntk_bounds.py (this script's folder is on sys.path): its summary paragraph
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -347,6 +348,9 @@ def markdown(payload) -> str:
                         f"{pr['non_dot_op_ms_per_step']:.0f} ms per step over {pr['threads']} threads ("
                         + ", ".join(f"{k} {v:.0f}" for k, v in pr["ms_per_step"].items() if k != "dot launches" and v >= 0.5)
                         + ")") + ".")
+    nb = ((payload["benchmarks"].get("ntk") or {}).get("result") or {}).get("ntk_bounds") or {}
+    if "blocks" in nb:  # bench_ntk.py: what bounds the exact NTK (benchmarks/ntk_bounds.py)
+        lines.append(f"\nWhat bounds the exact NTK (n = {nb['n']}, T = {nb['T']}): {ntk_bounds.summary(nb)}.")
     b16 = payload.get("bf16_rows") or {}
     if b16.get("run") is False:
         lines.append(f"\nlensjax's bf16 rows: {b16['reason']}.")

@@ -49,6 +49,10 @@ def test_run_all_smoke(tmp_path):
     assert bounds["dots"]["shapes"] and min(bounds["dots"]["dots_alone_s"].values()) > 0
     assert "error" in bounds["profile"] or bounds["profile"]["wall_ms_per_step"] > 0
     assert "What bounds the float32 AdamW step" in md
+    nb = res_of["ntk"]["ntk_bounds"]  # what bounds the exact NTK: its blocks by parameter group, its Grams alone
+    assert {"all", "norms only"} <= set(nb["blocks"]["times_s"]) and min(nb["blocks"]["times_s"].values()) > 0
+    assert nb["grams"]["shapes"] and min(nb["grams"]["dots_alone_s"].values()) > 0
+    assert "What bounds the exact NTK" in md
 
     svf = res_of["svf"]
     assert svf["svd"]["lensjax_reconstruction_rel"] < 1e-5 and svf["svd"]["lensjax_orthogonality"] < 1e-5
