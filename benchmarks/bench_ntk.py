@@ -428,6 +428,22 @@ def train_bounds(model, batch_np, args) -> dict:
     return out
 
 
+def diagnostic(enabled: bool, flag: str, args, fn) -> dict:
+    """A diagnostic section (not a table row): ``fn()``'s dict with the other processes' CPU load
+    while it ran, why it was skipped, or the error it raised (the rows are kept either way)."""
+    if not enabled:
+        return {"error": "skipped: --quick (a diagnostic; the default run has it)" if args.quick and not args.smoke
+                else f"skipped: {flag}"}
+    try:
+        wait_idle(args.wait_idle)
+        with OtherLoad() as ol:
+            out = fn()
+        out["other_cpu_load"] = ol.fraction
+        return out
+    except Exception as e:  # report and keep the rows
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def print_bounds(b: dict, multi: dict, eager: dict) -> None:
     """The step-bounds summary: op time by kind, the dots alone at each library's rates, and every
     shape's rates (largest share of the FLOPs first)."""
@@ -742,31 +758,13 @@ def main():
     if "max_abs_loss_diff" in res_train:
         print(f"  loss trajectories ({len(tl['losses'])} steps from the same weights): max |Δloss| = {res_train['max_abs_loss_diff']:.2e}")
 
-    bounds = {"error": "skipped: --quick (a diagnostic; the default run has it)" if args.quick and not args.smoke
-              else "skipped: --no-step-bounds"}
-    if args.step_bounds:
-        try:
-            wait_idle(args.wait_idle)
-            with OtherLoad() as ol:
-                bounds = train_bounds(model, train_batch, args)
-            bounds["other_cpu_load"] = ol.fraction
-        except Exception as e:  # a diagnostic: report and keep the rows
-            bounds = {"error": f"{type(e).__name__}: {e}"}
+    bounds = diagnostic(args.step_bounds, "--no-step-bounds", args, lambda: train_bounds(model, train_batch, args))
     print_bounds(bounds, res_train.get("lensjax_multi", {}), res_train.get("torch_eager", {}))
 
-    nb = {"error": "skipped: --quick (a diagnostic; the default run has it)" if args.quick and not args.smoke
-          else "skipped: --no-ntk-bounds"}
-    if args.ntk_bounds:
-        try:
-            import jax.numpy as jnp
+    import jax.numpy as jnp
 
-            wait_idle(args.wait_idle)
-            with OtherLoad() as ol:
-                nb = ntk_bounds.measure(model.config, model.params, {k: jnp.asarray(v) for k, v in probe.items()},
-                                        args.repeats, args.dot_repeats)
-            nb["other_cpu_load"] = ol.fraction
-        except Exception as e:  # a diagnostic: report and keep the rows
-            nb = {"error": f"{type(e).__name__}: {e}"}
+    nb = diagnostic(args.ntk_bounds, "--no-ntk-bounds", args, lambda: ntk_bounds.measure(
+        model.config, model.params, {k: jnp.asarray(v) for k, v in probe.items()}, args.repeats, args.dot_repeats))
     if "error" in nb:
         print(f"NTK bounds: {nb['error']}")
     else:
