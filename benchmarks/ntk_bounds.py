@@ -31,15 +31,11 @@ import step_bounds
 GROUPS = {"MLP": ("mlp",), "attention": ("attn", "cross_attn"), "head": ("lm_head",), "embedding tables": ("embed",)}
 
 
-def _keys(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-
-
 def group_mask(params, leave_out: tuple[str, ...]):
     """Bool tree like ``params``: False for the leaves under a key in ``leave_out``."""
     import jax
 
-    return jax.tree_util.tree_map_with_path(lambda p, _: not set(_keys(p)) & set(leave_out), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: not set(step_bounds.path_keys(p)) & set(leave_out), params)
 
 
 def gram_shapes(cfg, params, n: int, T: int, head_T: int | None = None) -> list[dict]:
@@ -56,7 +52,7 @@ def gram_shapes(cfg, params, n: int, T: int, head_T: int | None = None) -> list[
     flags = jax.tree.leaves(tapped)
     seen: dict = {}
     for (path, leaf), on in zip(jax.tree_util.tree_leaves_with_path(params), flags):
-        keys = _keys(path)
+        keys = step_bounds.path_keys(path)
         if not on or keys[-1] != "w" or leaf.ndim not in (2, 3):
             continue
         head = keys[0] == "lm_head"
@@ -82,13 +78,14 @@ def block_times(run, params, repeats: int) -> dict:
     and the norms only; ``groups_s``: each group's share (all minus all without it)."""
     import jax
 
-    variants = {"all": None, **{f"without {g}": group_mask(params, ks) for g, ks in GROUPS.items()},
-                "norms only": group_mask(params, sum(GROUPS.values(), ()))}
-    present = {g for g, ks in GROUPS.items() if not all(jax.tree.leaves(group_mask(params, ks)))}
+    variants = {"all": None}
+    for g, ks in GROUPS.items():
+        mask = group_mask(params, ks)
+        if not all(jax.tree.leaves(mask)):  # a group the tree has
+            variants[f"without {g}"] = mask
+    variants["norms only"] = group_mask(params, sum(GROUPS.values(), ()))
     times = {}
     for name, mask in variants.items():
-        if name.startswith("without ") and name[len("without "):] not in present:
-            continue
         jax.block_until_ready(run(mask))  # compile and warm
         ts = []
         for _ in range(repeats):

@@ -38,6 +38,11 @@ KINDS = ("dot launches", "zero-fill broadcasts", "dynamic-update-slices", "copie
          "element-wise fusions", "loop control", "other ops")
 
 
+def path_keys(path) -> list[str]:
+    """A pytree key path (``jax.tree_util.tree_leaves_with_path``) as the plain dict keys / indices."""
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
 def dot_shapes(params, tokens: int, head_rows: int | None = None) -> list[dict]:
     """The weight products of one forward + backward over ``tokens`` tokens: one entry per
     distinct (layout, M, K, N) with its ``count`` per step and ``gflop`` (all of that count).
@@ -46,7 +51,7 @@ def dot_shapes(params, tokens: int, head_rows: int | None = None) -> list[dict]:
 
     seen: dict = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = path_keys(path)
         if keys[-1] != "w" or leaf.ndim not in (2, 3) or (keys and keys[0] == "embed"):
             continue
         n_stack = leaf.shape[0] if leaf.ndim == 3 else 1

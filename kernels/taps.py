@@ -124,7 +124,8 @@ def _matmul_bwd(f32_out, res, g):
     x, w = res
     n, din, dout = x.shape[0], w.shape[0], w.shape[1]
     xs, gs = x.reshape(n, -1, din), g.reshape(n, -1, dout).astype(x.dtype)
-    route, axis, nb = plan(n, xs.shape[1], din, dout)
+    T = xs.shape[1]
+    route, axis, nb = plan(n, T, din, dout)
     if route == "per_sample":
         if nb == 1:
             K = _gram(jnp.einsum("ntd,nte->nde", xs, gs, preferred_element_type=F32))
@@ -135,7 +136,7 @@ def _matmul_bwd(f32_out, res, g):
                 return k + _gram(jnp.einsum(eq, b, other, preferred_element_type=F32)), None
 
             m = sl.shape[-1]
-            blocks = sl.reshape(n, xs.shape[1], nb, m // nb).transpose(2, 0, 1, 3)
+            blocks = sl.reshape(n, T, nb, m // nb).transpose(2, 0, 1, 3)
             K = jax.lax.scan(body, jnp.zeros((n, n), F32), blocks)[0]
     else:
         K = _token_gram(xs, gs)
