@@ -29,13 +29,15 @@ def _bf16(a):
     return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
+@pytest.mark.parametrize("n", [12, 24, 20])  # N < K: dw from gᵀ x transposed; N > K: from xᵀ g
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("shape", [(3, 7, 16), (21, 16), (1, 5, 16)])
-def test_kernel_equals_float64_products_of_bf16_operands(shape, transpose_w):
+@pytest.mark.parametrize("shape", [(3, 7, 16), (21, 16), (1, 5, 16), (2, 3, 27), (4, 23)])
+def test_kernel_equals_float64_products_of_bf16_operands(shape, transpose_w, n):
     rng = np.random.default_rng(0)
+    k = shape[-1]  # 16 splits by 8, 27 by 3, 23 not at all (the xᵀ g route whatever N)
     x = rng.standard_normal(shape).astype(np.float32)
-    w = rng.standard_normal((16, 12)).astype(np.float32)
-    g = rng.standard_normal(shape[:-1] + (12,)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (n,)).astype(np.float32)
     if transpose_w:  # w stored [N, K] (a tied table); the product and dw are those of its transpose
         y, vjp = jax.vjp(lambda x, wt: mixed.matmul(x, wt, "bfloat16", True), jnp.asarray(x), jnp.asarray(w.T))
         dx, dwt = vjp(jnp.asarray(g))
@@ -45,7 +47,7 @@ def test_kernel_equals_float64_products_of_bf16_operands(shape, transpose_w):
         dx, dw = vjp(jnp.asarray(g))
     assert y.dtype == dx.dtype == dw.dtype == jnp.float32
     xb, wb, gb = _bf16(x), _bf16(w), _bf16(g)
-    ref = {"y": xb @ wb, "dx": gb @ wb.T, "dw": xb.reshape(-1, 16).T @ gb.reshape(-1, 12)}
+    ref = {"y": xb @ wb, "dx": gb @ wb.T, "dw": xb.reshape(-1, k).T @ gb.reshape(-1, n)}
     got = {"y": y, "dx": dx, "dw": dw}
     for k, r in ref.items():
         err = float(np.abs(np.asarray(got[k], np.float64) - r).max() / np.abs(r).max())
