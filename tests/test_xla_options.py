@@ -31,6 +31,20 @@ def test_cpu_programs_compile_without_the_ynn_dot_path():
     np.testing.assert_allclose(np.asarray(f(a, a.T)), np.asarray(a @ a.T), rtol=1e-6)
 
 
+@needs_options
+def test_cpu_programs_keep_row_reductions_in_ynn():
+    """A softmax's max and sum stay one YNN reduction each (with no YNN at all, XLA CPU rewrites
+    them into a reduce-window and a reduce), and agree with NumPy's float64 softmax."""
+    s = np.random.default_rng(0).standard_normal((64, 8192)).astype(np.float32) * 4
+    f = xla.jit(lambda s: jax.nn.log_softmax(s, axis=-1))
+    text = f.lower(s).compile().as_text()
+    assert "__ynn_fusion" in text and "reduce-window" not in text
+    s64 = s.astype(np.float64)
+    ref = s64 - s64.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(f(s), np.float64), ref, rtol=0, atol=1e-5)
+
+
 def test_importing_lensjax_does_not_start_the_backends():
     code = ("import lensjax, lensjax.kernels.ntk, lensjax.selection.pipeline, jax; "
             "jax.config.update('jax_num_cpu_devices', 3); print(jax.device_count())")
