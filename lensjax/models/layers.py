@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lensjax.config import ModelConfig
-from lensjax.kernels import mixed, taps, xla
+from lensjax.kernels import mixed, scores as qk_scores, taps, xla
 
 # Keys of the NTK Gram taps (lensjax.models.lm_ntk): a dict holding "ntk_w" next to "w" (and so on)
 # runs that parameter's op through lensjax.kernels.taps, whose backward yields its block of K.
@@ -184,7 +184,10 @@ def attention(cfg: ModelConfig, q_BTNH, blocks, scale):
     q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     scores = []
     for k, _, allowed, bias in blocks:
-        s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+        if cfg.matmul_dtype or qk_scores.active():  # reverse-mode programs: the key gradient in the
+            s = qk_scores.qk(q, k)  # faster operand order (lensjax.kernels.scores)
+        else:
+            s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
         s = s.reshape(B, K, T, G, k.shape[2]) * scale
         if bias is not None:  # [N, T, S] -> [K, T, G, S]
             s = s + bias.reshape(K, G, *bias.shape[1:]).transpose(0, 2, 1, 3)[None]

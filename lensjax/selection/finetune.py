@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lensjax.kernels import xla
+from lensjax.kernels import scores, xla
 from lensjax.config import ModelConfig, check_compute_dtype, compute_config
 from lensjax.selection.data import Tokenized, bucket, make_batch, scored_count
 from lensjax.models.lm import mean_target_loss, with_logit_positions
@@ -137,7 +137,8 @@ def _update(config, optimizer, params, opt_state, batch, lr=None):
     ``optax.inject_hyperparams`` state), None: the optimiser's own."""
     if lr is not None:
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-    loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
+    with scores.reverse_only():  # reverse-mode gradients only: the faster key gradient (kernels.scores)
+        loss, grads = jax.value_and_grad(lambda p: mean_target_loss(config, p, batch))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 

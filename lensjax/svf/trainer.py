@@ -55,7 +55,7 @@ import optax
 
 from lensjax.config import check_compute_dtype, compute_config
 from lensjax.io import atomic_write
-from lensjax.kernels import xla
+from lensjax.kernels import scores, xla
 from lensjax.models.lm import logprobs_from_logits
 from lensjax.models.transformer import _forward
 from lensjax.parallel import data_size, params_on, replicate, shard_batch
@@ -199,8 +199,9 @@ def _update_fn(model_cfg, cfg: SVFConfig):
     # with the backend's compiler options (kernels/xla.py), a mixed-precision program's if so
     @functools.partial(xla.jit, mixed=bool(model_cfg.matmul_dtype))
     def update(z, opt_state, params, dec, batch, adv):
-        (loss, (pg, kl)), g = jax.value_and_grad(
-            lambda zz: policy_loss(model_cfg, cfg, zz, params, dec, batch, adv), has_aux=True)(z)
+        with scores.reverse_only():  # reverse-mode gradients only (lensjax.kernels.scores)
+            (loss, (pg, kl)), g = jax.value_and_grad(
+                lambda zz: policy_loss(model_cfg, cfg, zz, params, dec, batch, adv), has_aux=True)(z)
         updates, opt_state = opt.update(g, opt_state, z)
         return optax.apply_updates(z, updates), opt_state, {"loss": loss, "pg": pg, "kl": kl,
                                                              "grad_norm": optax.tree.norm(g)}
