@@ -71,11 +71,10 @@ def _k_split(k: int) -> int:
     return next((f for f in range(2, int(k ** 0.5) + 1) if k % f == 0), 0)
 
 
-def _cols_t(a):
-    """[N, K] -> [K, N] as a 3-D transpose of [N, f, K/f] (a copy that XLA keeps; a 2-D
-    transpose of a dot's result is folded into the dot; see the module notes)."""
+def _cols_t(a, f: int):
+    """[N, K] -> [K, N] as a 3-D transpose of [N, f, K/f], ``f`` a factor of K (a copy that XLA
+    keeps; a 2-D transpose of a dot's result is folded into the dot; see the module notes)."""
     n, k = a.shape
-    f = _k_split(k)
     return a.reshape(n, f, k // f).transpose(1, 2, 0).reshape(k, n)
 
 
@@ -102,9 +101,9 @@ def _bwd(dtype, transpose_w, res, g):
     if transpose_w:  # w [N, K]: dx = g @ w, dw = gᵀ x, computed as [N, K] (no transpose after the
         # dot: XLA CPU 0.10 folds one into a bf16 dot's layout that neither YNN nor Eigen then runs)
         dx, dw = _dot(gl, wl, 0), _dot(_rows_t(gl), rows(xl), 0)
-    elif gl.shape[-1] < xl.shape[-1] and _k_split(xl.shape[-1]):  # dx = g @ wᵀ; g narrower than x:
-        # dw = (gᵀ x)ᵀ, the smaller operand transposed (see the module notes)
-        dx, dw = _dot(gl, wl, 1), _cols_t(_dot(_rows_t(gl), rows(xl), 0))
+    elif gl.shape[-1] < xl.shape[-1] and (f := _k_split(xl.shape[-1])):  # dx = g @ wᵀ; g narrower
+        # than x: dw = (gᵀ x)ᵀ, the smaller operand transposed (see the module notes)
+        dx, dw = _dot(gl, wl, 1), _cols_t(_dot(_rows_t(gl), rows(xl), 0), f)
     else:  # dx = g @ wᵀ (both contract their last axis), dw = xᵀ g
         dx, dw = _dot(gl, wl, 1), _dot(_rows_t(xl), rows(gl), 0)
     return dx.astype(xt.dtype), dw.astype(wt.dtype)
